@@ -1,0 +1,185 @@
+"""The application config: one strict pydantic schema, validated before anything is deployed.
+
+``serve_config.yaml`` passes ``args`` to ``deployments.app:build_app``, which validates them
+into :class:`AppConfig`. Every model is strict (unknown keys are errors), so a typo fails
+``serve run`` at once with the field's path instead of a replica crash loop.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, field_validator, model_validator
+
+from deployments import constants as C
+
+# Keys Serve accepts in ``ray_actor_options`` (see ``ray.serve.api.deployment``).
+_RAY_ACTOR_OPTION_KEYS = {
+    "accelerator_type",
+    "memory",
+    "num_cpus",
+    "num_gpus",
+    "resources",
+    "runtime_env",
+    "label_selector",
+}
+
+
+class StrictModel(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Deadlines(StrictModel):
+    """The three deadlines of one request; ``None`` disables one."""
+
+    first_chunk_timeout_s: PositiveFloat | None = Field(
+        default=None, description="Time until the first token: queueing plus prompt processing."
+    )
+    chunk_timeout_s: PositiveFloat | None = Field(
+        default=None, description="Longest idle time between two consecutive chunks."
+    )
+    request_timeout_s: PositiveFloat | None = Field(default=None, description="Total time of the request.")
+
+    def merged_over(self, base: Deadlines) -> Deadlines:
+        """These deadlines where set, ``base``'s elsewhere."""
+        return base.model_copy(update=self.model_dump(exclude_none=True))
+
+
+class DeadlinePolicy(StrictModel):
+    """Per-model defaults, and the maxima a request may ask for."""
+
+    default: Deadlines = Field(
+        default=Deadlines(
+            first_chunk_timeout_s=C.DEFAULT_FIRST_CHUNK_TIMEOUT_S,
+            chunk_timeout_s=C.DEFAULT_CHUNK_TIMEOUT_S,
+            request_timeout_s=C.DEFAULT_REQUEST_TIMEOUT_S,
+        ),
+        description="Deadlines applied when the request sets none.",
+    )
+    maximum: Deadlines = Field(
+        default=Deadlines(
+            first_chunk_timeout_s=C.MAX_FIRST_CHUNK_TIMEOUT_S,
+            chunk_timeout_s=C.MAX_CHUNK_TIMEOUT_S,
+            request_timeout_s=C.MAX_REQUEST_TIMEOUT_S,
+        ),
+        description="Upper bounds for per-request overrides.",
+    )
+
+    @model_validator(mode="after")
+    def _defaults_within_maxima(self) -> DeadlinePolicy:
+        for name, value in self.default.model_dump().items():
+            bound = getattr(self.maximum, name)
+            if value is not None and bound is not None and value > bound:
+                raise ValueError(f"default.{name}={value} exceeds maximum.{name}={bound}")
+        return self
+
+
+class SamplingDefaults(StrictModel):
+    temperature: float = Field(default=C.DEFAULT_TEMPERATURE, ge=0.0, le=2.0)
+    top_p: float = Field(default=C.DEFAULT_TOP_P, gt=0.0, le=1.0)
+    top_k: int = Field(default=C.DEFAULT_TOP_K, ge=0, description="0 disables top-k.")
+    max_tokens: PositiveInt = Field(default=C.DEFAULT_MAX_TOKENS, description="Used when a request sets none.")
+
+
+class DeploymentOptions(StrictModel):
+    """Serve options of one deployment, passed through to ``Deployment.options``."""
+
+    num_replicas: PositiveInt | None = Field(default=None, description="Fixed replica count (default 1).")
+    autoscaling_config: dict[str, Any] | None = Field(
+        default=None, description="Serve autoscaling config; exclusive with num_replicas."
+    )
+    max_ongoing_requests: PositiveInt = Field(default=C.DEFAULT_MODEL_MAX_ONGOING_REQUESTS)
+    max_queued_requests: int = Field(
+        default=C.DEFAULT_MODEL_MAX_QUEUED_REQUESTS, ge=-1, description="Caller-side queue bound; -1 is unbounded."
+    )
+    ray_actor_options: dict[str, Any] = Field(default_factory=dict)
+    graceful_shutdown_timeout_s: PositiveFloat | None = None
+    health_check_period_s: PositiveFloat | None = None
+    health_check_timeout_s: PositiveFloat | None = None
+
+    @field_validator("ray_actor_options")
+    @classmethod
+    def _known_actor_options(cls, value: dict[str, Any]) -> dict[str, Any]:
+        unknown = set(value) - _RAY_ACTOR_OPTION_KEYS
+        if unknown:
+            raise ValueError(f"unknown ray_actor_options {sorted(unknown)}; allowed: {sorted(_RAY_ACTOR_OPTION_KEYS)}")
+        return value
+
+    @field_validator("autoscaling_config")
+    @classmethod
+    def _valid_autoscaling(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        if value is not None:
+            from ray.serve.config import AutoscalingConfig
+
+            AutoscalingConfig(**value)  # Serve's own schema; raises with the field name.
+        return value
+
+    @model_validator(mode="after")
+    def _replicas_xor_autoscaling(self) -> DeploymentOptions:
+        if self.num_replicas is not None and self.autoscaling_config is not None:
+            raise ValueError("set either num_replicas or autoscaling_config, not both")
+        return self
+
+    def serve_options(self) -> dict[str, Any]:
+        """Keyword arguments for ``Deployment.options``; unset options keep Serve's defaults."""
+        return self.model_dump(exclude_none=True)
+
+
+class ModelConfigBase(StrictModel):
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}$", description="The API model id.")
+    context_size: PositiveInt = Field(default=C.DEFAULT_CONTEXT_SIZE, description="Context window in tokens.")
+    loaded: bool = Field(default=True, description="Whether replicas hold the model in memory (user_config).")
+    sampling: SamplingDefaults = SamplingDefaults()
+    deadlines: DeadlinePolicy = DeadlinePolicy()
+    deployment: DeploymentOptions = DeploymentOptions()
+
+
+class GGUFModelConfig(ModelConfigBase):
+    """A text model in a local GGUF file, served by llama.cpp."""
+
+    kind: Literal["gguf"] = "gguf"
+    path: Path = Field(description="Local GGUF file; relative paths resolve against the working directory.")
+    gpu_layers: int = Field(default=0, ge=-1, description="Layers offloaded to the GPU; -1 offloads all.")
+    n_threads: PositiveInt | None = Field(default=None, description="llama.cpp threads (default: the actor's CPUs).")
+    seed: int = Field(default=0, ge=0, description="Sampling seed when a request sets none.")
+
+    @field_validator("path")
+    @classmethod
+    def _gguf_file_exists(cls, value: Path) -> Path:
+        path = value.expanduser().resolve()
+        if not path.is_file():
+            raise ValueError(f"GGUF file not found: {path} (generate the demo models with `make models`)")
+        if path.suffix != ".gguf":
+            raise ValueError(f"expected a .gguf file, got {path.name}")
+        return path
+
+
+# The vision model kind joins this as a discriminated union on ``kind``.
+ModelConfig = GGUFModelConfig
+
+
+class RouterConfig(StrictModel):
+    max_messages: PositiveInt = Field(default=C.DEFAULT_MAX_MESSAGES, description="Messages per request.")
+    deployment: DeploymentOptions = DeploymentOptions(
+        max_ongoing_requests=C.DEFAULT_ROUTER_MAX_ONGOING_REQUESTS, max_queued_requests=-1
+    )
+
+
+class AppConfig(StrictModel):
+    """The ``args`` of the Serve application."""
+
+    models: list[ModelConfig] = Field(min_length=1)
+    router: RouterConfig = RouterConfig()
+
+    @field_validator("models")
+    @classmethod
+    def _unique_names(cls, models: list[ModelConfig]) -> list[ModelConfig]:
+        names = [m.name for m in models]
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise ValueError(f"duplicate model names: {duplicates}")
+        return models
+
+    def model(self, name: str) -> ModelConfig:
+        return next(m for m in self.models if m.name == name)

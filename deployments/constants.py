@@ -1,0 +1,30 @@
+"""Defaults in one place, with their units in their names."""
+
+DEFAULT_CONTEXT_SIZE = 2048
+DEFAULT_MAX_TOKENS = 256
+DEFAULT_TEMPERATURE = 0.8
+DEFAULT_TOP_P = 0.95
+DEFAULT_TOP_K = 40
+
+# Deadlines (nika's runtime used a 30 s per-chunk stream timeout and a 5 min inference timeout).
+DEFAULT_FIRST_CHUNK_TIMEOUT_S = 60.0
+DEFAULT_CHUNK_TIMEOUT_S = 30.0
+DEFAULT_REQUEST_TIMEOUT_S = 300.0
+MAX_FIRST_CHUNK_TIMEOUT_S = 600.0
+MAX_CHUNK_TIMEOUT_S = 300.0
+MAX_REQUEST_TIMEOUT_S = 3600.0
+
+# Serve options of a model deployment. A replica runs one generation at a time; the few
+# extra ongoing slots let control calls (info, load) and the next request reach it while
+# it generates, and Serve's caller-side queue (bounded) holds the rest.
+DEFAULT_MODEL_MAX_ONGOING_REQUESTS = 4
+DEFAULT_MODEL_MAX_QUEUED_REQUESTS = 64
+DEFAULT_ROUTER_MAX_ONGOING_REQUESTS = 256
+DEFAULT_RETRY_AFTER_S = 1
+
+# Control calls (model info) from the router to replicas must not hang /v1/models.
+MODEL_INFO_TIMEOUT_S = 5.0
+
+# Request limits.
+DEFAULT_MAX_MESSAGES = 256
+DEFAULT_MAX_STOP_SEQUENCES = 4

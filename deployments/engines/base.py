@@ -1,0 +1,114 @@
+"""The replica contract shared by the llama.cpp and vLLM engines.
+
+An engine owns one model in one replica: it loads and unloads it, describes it, and turns a
+:class:`GenerationRequest` into an async stream of :class:`Delta` objects. The router never
+sees an engine; it talks to the replica deployment (``deployments.replica``) through Serve
+handles, and the replica forwards to whichever engine its config names.
+"""
+
+from __future__ import annotations
+
+import abc
+import enum
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class ModelStatus(str, enum.Enum):
+    LOADING = "loading"
+    LOADED = "loaded"
+    UNLOADED = "unloaded"
+    FAILED = "failed"
+
+
+class SamplingParams(BaseModel):
+    """Resolved sampling settings: request values over the model's defaults."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    temperature: float
+    top_p: float
+    top_k: int
+    max_tokens: int
+    stop: tuple[str, ...] = ()
+    seed: int | None = None
+    ignore_eos: bool = Field(default=False, description="Generate exactly max_tokens (benchmarks).")
+
+
+class GenerationRequest(BaseModel):
+    """What crosses the handle from router to replica: small, serializable, engine-ready."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    request_id: str
+    messages: tuple[dict[str, Any], ...] = Field(description="Chat messages with text content.")
+    sampling: SamplingParams
+
+
+@dataclass(slots=True)
+class Usage:
+    prompt_tokens: int
+    completion_tokens: int
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+
+@dataclass(slots=True)
+class Delta:
+    """One chunk of generated text. The last delta of a stream has ``finish_reason`` and ``usage``.
+
+    A slotted dataclass, not a pydantic model: one crosses the handle per token, and its
+    pickling cost is on the hot path.
+    """
+
+    text: str
+    finish_reason: str | None = None
+    usage: Usage | None = None
+
+
+class ModelInfo(BaseModel):
+    """What a replica reports about its model (nika's ``ModelInfo`` plus serving state)."""
+
+    id: str = Field(description="The API model id.")
+    kind: str
+    name: str = Field(description="The model's own name: GGUF file stem or checkpoint folder name.")
+    size_bytes: int
+    quantization: str | None
+    context_length: int
+    supports_vision: bool
+    status: ModelStatus
+    active_generations: int = 0
+    error: str | None = None
+
+
+class Engine(abc.ABC):
+    """One model in one replica.
+
+    ``generate`` is an async generator: it yields :class:`Delta` objects until the model
+    finishes, and when the consumer stops early (``aclose`` or task cancellation) it stops
+    the work in the engine before returning, so a cancelled request frees the engine
+    within one token.
+    """
+
+    kind: ClassVar[str]
+
+    @abc.abstractmethod
+    async def load(self) -> None:
+        """Load the model into memory; raise ``InvalidRequest``/``InferenceFailed`` with the reason."""
+
+    @abc.abstractmethod
+    async def unload(self) -> None:
+        """Stop in-flight generations and free the model's memory."""
+
+    @abc.abstractmethod
+    def info(self, status: ModelStatus, error: str | None = None) -> ModelInfo:
+        """Describe the model; must work whether or not it is loaded."""
+
+    @abc.abstractmethod
+    def generate(self, request: GenerationRequest) -> AsyncIterator[Delta]:
+        """Stream the completion of ``request``; requires a loaded model."""

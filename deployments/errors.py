@@ -1,0 +1,113 @@
+"""One error taxonomy for every path, and one mapping from any exception to it.
+
+The classes mirror the error kinds of nika's native runtime (model not loaded, model not
+found, invalid config/request, inference failed, inference timeout, cancelled) plus the
+service-level ones a cluster adds (overload). Each carries its HTTP status, OpenAI error
+``type`` and ``code`` so the router, the SSE stream and the Python handle API turn it into
+the same error body.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any, ClassVar
+
+
+class ServeError(Exception):
+    """Base of all errors the service reports to clients."""
+
+    status_code: ClassVar[int] = 500
+    error_type: ClassVar[str] = "server_error"
+    default_code: ClassVar[str] = "internal_error"
+
+    def __init__(self, message: str, *, code: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.code = code or self.default_code
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Errors cross Ray handles by pickle; keep the code through the round trip.
+        return (_rebuild, (type(self), self.message, self.code))
+
+    def to_body(self) -> dict[str, Any]:
+        """The OpenAI-style error body ``{"error": {"message", "type", "code"}}``."""
+        return {"error": {"message": self.message, "type": self.error_type, "code": self.code}}
+
+    def headers(self) -> dict[str, str]:
+        return {}
+
+
+def _rebuild(cls: type[ServeError], message: str, code: str) -> ServeError:
+    return cls(message, code=code)
+
+
+class InvalidRequest(ServeError):
+    status_code = 400
+    error_type = "invalid_request_error"
+    default_code = "invalid_request"
+
+
+class ModelNotFound(ServeError):
+    status_code = 404
+    error_type = "invalid_request_error"
+    default_code = "model_not_found"
+
+
+class ModelNotLoaded(ServeError):
+    status_code = 503
+    error_type = "service_unavailable"
+    default_code = "model_not_loaded"
+
+
+class Overloaded(ServeError):
+    """The model's queues are full; the client should retry later."""
+
+    status_code = 503
+    error_type = "service_unavailable"
+    default_code = "overloaded"
+    retry_after_s: ClassVar[int] = 1
+
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": str(self.retry_after_s)}
+
+
+class InferenceFailed(ServeError):
+    status_code = 502
+    error_type = "server_error"
+    default_code = "inference_failed"
+
+
+class InferenceTimeout(ServeError):
+    """A deadline fired; ``code`` names which one (see ``streaming.DeadlineKind``)."""
+
+    status_code = 504
+    error_type = "timeout_error"
+    default_code = "request_timeout"
+
+
+class Cancelled(ServeError):
+    status_code = 499
+    error_type = "cancelled"
+    default_code = "cancelled"
+
+
+def as_serve_error(exc: BaseException) -> ServeError:
+    """Classify any exception raised on a request path into the taxonomy.
+
+    Ray re-raises a replica's exception as ``RayTaskError`` whose ``cause`` is the
+    original; unwrap it first. Classification is by type, never by message.
+    """
+    from ray import exceptions as ray_exceptions
+    from ray.serve.exceptions import BackPressureError, RequestCancelledError
+
+    if isinstance(exc, ray_exceptions.RayTaskError) and exc.cause is not None:
+        exc = exc.cause
+    if isinstance(exc, ServeError):
+        return exc
+    if isinstance(exc, BackPressureError):
+        return Overloaded("the model's request queue is full; retry later")
+    if isinstance(exc, RequestCancelledError | ray_exceptions.TaskCancelledError | asyncio.CancelledError):
+        return Cancelled("the request was cancelled")
+    if isinstance(exc, ray_exceptions.RayActorError):
+        return InferenceFailed("the model replica died while serving the request; retry", code="replica_died")
+    return InferenceFailed(f"inference failed: {type(exc).__name__}: {exc}")

@@ -1,0 +1,70 @@
+"""Quantization names: GGUF file types from file names and metadata.
+
+llama.cpp's file-type enum (``general.file_type``, mirrored by ``gguf.LlamaFileType``) is
+the single source of truth for the names; the file-name parser and the metadata reader
+both speak it, so the two can be cross-checked.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import gguf
+
+_GUESSED_FLAG = gguf.LlamaFileType.GUESSED.value
+
+
+def _type_name(file_type: gguf.LlamaFileType) -> str:
+    return file_type.name.removeprefix("MOSTLY_").removeprefix("ALL_")
+
+
+#: Every llama.cpp GGUF file-type name (``Q4_K_M``, ``IQ2_XXS``, ``BF16``, ...) by enum value.
+GGUF_FILE_TYPES: dict[int, str] = {
+    t.value: _type_name(t) for t in gguf.LlamaFileType if t is not gguf.LlamaFileType.GUESSED
+}
+
+# Longest names first so ``Q4_K_M`` wins over ``Q4_K`` prefixes and ``IQ2_XXS`` over ``IQ2_XS``.
+_NAME_PATTERN = re.compile(
+    r"(?:^|[-._])("
+    + "|".join(re.escape(n) for n in sorted(set(GGUF_FILE_TYPES.values()), key=len, reverse=True))
+    + r")(?=$|[-._])",
+    re.IGNORECASE,
+)
+
+
+def quantization_from_filename(path: str | Path) -> str | None:
+    """The GGUF type named in a file name (``tiny-llama-Q4_K_M.gguf`` -> ``Q4_K_M``).
+
+    The last match wins, because the GGUF naming convention puts the encoding after the
+    base name, size label and version, which may themselves look like type names.
+    """
+    stem = Path(path).name.removesuffix(".gguf")
+    matches = _NAME_PATTERN.findall(stem)
+    return matches[-1].upper() if matches else None
+
+
+def quantization_from_file_type(file_type: int) -> str | None:
+    """The name of a ``general.file_type`` value, ignoring llama.cpp's "guessed" flag."""
+    return GGUF_FILE_TYPES.get(file_type & ~_GUESSED_FLAG)
+
+
+@dataclass(frozen=True, slots=True)
+class GGUFQuantization:
+    """What a GGUF file says about its quantization, and where each claim came from."""
+
+    name: str | None
+    from_filename: str | None
+    from_metadata: str | None
+
+    @property
+    def disagrees(self) -> bool:
+        return None not in (self.from_filename, self.from_metadata) and self.from_filename != self.from_metadata
+
+
+def resolve_gguf_quantization(path: str | Path, file_type: int | None) -> GGUFQuantization:
+    """Cross-check the file name against ``general.file_type``; the metadata wins."""
+    from_name = quantization_from_filename(path)
+    from_meta = quantization_from_file_type(file_type) if file_type is not None else None
+    return GGUFQuantization(name=from_meta or from_name, from_filename=from_name, from_metadata=from_meta)
