@@ -8,7 +8,7 @@ into :class:`AppConfig`. Every model is strict (unknown keys are errors), so a t
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, field_validator, model_validator
 
@@ -127,6 +127,8 @@ class DeploymentOptions(StrictModel):
 
 
 class ModelConfigBase(StrictModel):
+    supports_vision: ClassVar[bool] = False
+
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}$", description="The API model id.")
     context_size: PositiveInt = Field(default=C.DEFAULT_CONTEXT_SIZE, description="Context window in tokens.")
     loaded: bool = Field(default=True, description="Whether replicas hold the model in memory (user_config).")

@@ -1,0 +1,37 @@
+"""The application builder: ``serve_config.yaml``'s ``import_path`` is ``deployments.app:build_app``.
+
+It validates the whole config first (a bad file, key or value fails ``serve run`` before
+anything is deployed), then binds one model deployment per configured model and the router.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from ray import serve
+from ray.serve import Application
+
+from deployments.config import AppConfig, ModelConfig
+from deployments.replica import ModelReplica
+from deployments.router import Router
+
+
+def deployment_name(model: ModelConfig) -> str:
+    """Serve deployment names must not contain ``#``; keep them readable in ``serve status``."""
+    return "model-" + re.sub(r"[^A-Za-z0-9_.-]", "_", model.name)
+
+
+def build_model(model: ModelConfig) -> Application:
+    deployment = serve.deployment(ModelReplica).options(
+        name=deployment_name(model),
+        user_config={"loaded": model.loaded},
+        **model.deployment.serve_options(),
+    )
+    return deployment.bind(model.model_dump(mode="json"))
+
+
+def build_app(args: dict[str, Any] | AppConfig) -> Application:
+    config = args if isinstance(args, AppConfig) else AppConfig.model_validate(args)
+    models = {model.name: build_model(model) for model in config.models}
+    return Router.options(**config.router.deployment.serve_options()).bind(config.model_dump(mode="json"), models)

@@ -1,0 +1,174 @@
+"""OpenAI-compatible chat request/response models and SSE framing.
+
+Only protocol lives here: no FastAPI, no Serve. Unknown request fields are rejected so a
+misspelt option is an error the client sees, not a silently ignored setting.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, field_validator
+
+from deployments.engines.base import Delta, ModelInfo, Usage
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class TextPart(_Strict):
+    type: Literal["text"]
+    text: str
+
+
+class ImageURL(_Strict):
+    url: str = Field(min_length=1)
+    detail: Literal["auto", "low", "high"] | None = None
+
+
+class ImagePart(_Strict):
+    type: Literal["image_url"]
+    image_url: ImageURL
+
+
+ContentPart = Annotated[TextPart | ImagePart, Field(discriminator="type")]
+
+
+class ChatMessage(_Strict):
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[ContentPart]
+    name: str | None = None
+
+    @property
+    def images(self) -> list[ImagePart]:
+        return [] if isinstance(self.content, str) else [p for p in self.content if isinstance(p, ImagePart)]
+
+    def text(self) -> str:
+        if isinstance(self.content, str):
+            return self.content
+        return "".join(p.text for p in self.content if isinstance(p, TextPart))
+
+
+class StreamOptions(_Strict):
+    include_usage: bool = False
+
+
+class ChatCompletionRequest(_Strict):
+    """``POST /v1/chat/completions``; the deadline fields are our extension (``extra_body``)."""
+
+    model: str
+    messages: list[ChatMessage] = Field(min_length=1)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    temperature: float | None = Field(default=None, ge=0.0, le=2.0)
+    top_p: float | None = Field(default=None, gt=0.0, le=1.0)
+    top_k: int | None = Field(default=None, ge=0)
+    max_tokens: PositiveInt | None = None
+    max_completion_tokens: PositiveInt | None = None
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    n: Literal[1] = 1
+    user: str | None = None
+    ignore_eos: bool = False
+    first_chunk_timeout_s: float | None = Field(default=None, gt=0)
+    chunk_timeout_s: float | None = Field(default=None, gt=0)
+    request_timeout_s: float | None = Field(default=None, gt=0)
+
+    @field_validator("stop")
+    @classmethod
+    def _stop_list(cls, value: str | list[str] | None) -> list[str]:
+        stops = [value] if isinstance(value, str) else list(value or [])
+        if len(stops) > 4 or any(not s for s in stops):
+            raise ValueError("stop takes at most 4 non-empty strings")
+        return stops
+
+    @property
+    def has_images(self) -> bool:
+        return any(m.images for m in self.messages)
+
+
+# -- responses ---------------------------------------------------------------------------
+
+
+def usage_body(usage: Usage) -> dict[str, int]:
+    return {
+        "prompt_tokens": usage.prompt_tokens,
+        "completion_tokens": usage.completion_tokens,
+        "total_tokens": usage.total_tokens,
+    }
+
+
+class ChunkFactory:
+    """Builds the ``chat.completion.chunk`` dicts of one stream (shared id, model, created)."""
+
+    __slots__ = ("completion_id", "model", "created", "include_usage", "_first")
+
+    def __init__(self, completion_id: str, model: str, include_usage: bool) -> None:
+        self.completion_id = completion_id
+        self.model = model
+        self.created = int(time.time())
+        self.include_usage = include_usage
+        self._first = True
+
+    def _chunk(self, choices: list[dict[str, Any]], usage: Usage | None = None) -> dict[str, Any]:
+        body: dict[str, Any] = {
+            "id": self.completion_id,
+            "object": "chat.completion.chunk",
+            "created": self.created,
+            "model": self.model,
+            "choices": choices,
+        }
+        if self.include_usage:
+            body["usage"] = usage_body(usage) if usage else None
+        return body
+
+    def chunks(self, delta: Delta) -> list[dict[str, Any]]:
+        """The OpenAI chunks for one delta: text, then finish reason, then usage if asked."""
+        out = []
+        if delta.text or self._first:
+            message: dict[str, Any] = {"content": delta.text}
+            if self._first:
+                message["role"] = "assistant"
+                self._first = False
+            out.append(self._chunk([{"index": 0, "delta": message, "finish_reason": None}]))
+        if delta.finish_reason:
+            out.append(self._chunk([{"index": 0, "delta": {}, "finish_reason": delta.finish_reason}]))
+            if self.include_usage and delta.usage:
+                out.append(self._chunk([], delta.usage))
+        return out
+
+
+def completion_body(completion_id: str, model: str, text: str, finish_reason: str, usage: Usage) -> dict[str, Any]:
+    return {
+        "id": completion_id,
+        "object": "chat.completion",
+        "created": int(time.time()),
+        "model": model,
+        "choices": [
+            {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish_reason}
+        ],
+        "usage": usage_body(usage),
+    }
+
+
+def model_card(info: ModelInfo, created: int) -> dict[str, Any]:
+    """An OpenAI model object with our extra fields."""
+    return {
+        "id": info.id,
+        "object": "model",
+        "created": created,
+        "owned_by": "nika-serve",
+        **info.model_dump(mode="json", exclude={"id"}),
+    }
+
+
+# -- SSE ---------------------------------------------------------------------------------
+
+SSE_DONE = b"data: [DONE]\n\n"
+
+
+def sse_event(body: dict[str, Any]) -> bytes:
+    return b"data: " + json.dumps(body, separators=(",", ":")).encode() + b"\n\n"

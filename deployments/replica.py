@@ -1,0 +1,70 @@
+"""The model deployment: one engine per replica, with Serve's lifecycle around it.
+
+Load state is Serve's ``user_config`` (``{"loaded": bool}``): changing it reconfigures
+every replica of the model, including replicas that autoscaling starts later, without
+restarting them. Generation streams engine deltas back through a Serve streaming handle;
+when the caller cancels the handle response, Serve cancels this task and closing the
+engine stream stops the engine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Callable
+from contextlib import aclosing
+from typing import Any
+
+from pydantic import TypeAdapter
+
+from deployments.config import ModelConfig
+from deployments.engines import engine_for
+from deployments.engines.base import Delta, Engine, GenerationRequest, ModelInfo, ModelStatus
+from deployments.errors import ModelNotLoaded, ServeError
+
+logger = logging.getLogger("ray.serve")
+
+_MODEL_CONFIG = TypeAdapter(ModelConfig)
+
+
+class ModelReplica:
+    """Serve deployment class for one model (bound once per configured model in ``app``)."""
+
+    def __init__(self, model_config: dict[str, Any], make_engine: Callable[[ModelConfig], Engine] = engine_for):
+        self._config = _MODEL_CONFIG.validate_python(model_config)
+        self._engine = make_engine(self._config)
+        self._status = ModelStatus.UNLOADED
+        self._error: str | None = None
+        self._lifecycle = asyncio.Lock()
+
+    async def reconfigure(self, user_config: dict[str, Any]) -> None:
+        """Apply ``{"loaded": bool}``: load or unload the model on this replica."""
+        loaded = bool(user_config.get("loaded", True))
+        async with self._lifecycle:
+            if loaded and self._status is not ModelStatus.LOADED:
+                await self._load()
+            elif not loaded and self._status is ModelStatus.LOADED:
+                await self._engine.unload()
+                self._status = ModelStatus.UNLOADED
+                logger.info("model %s unloaded", self._config.name)
+
+    async def _load(self) -> None:
+        self._status, self._error = ModelStatus.LOADING, None
+        try:
+            await self._engine.load()
+        except ServeError as exc:
+            self._status, self._error = ModelStatus.FAILED, exc.message
+            raise
+        self._status = ModelStatus.LOADED
+        logger.info("model %s loaded", self._config.name)
+
+    async def info(self) -> ModelInfo:
+        return self._engine.info(self._status, self._error)
+
+    async def generate(self, request: GenerationRequest) -> AsyncIterator[Delta]:
+        if self._status is not ModelStatus.LOADED:
+            raise ModelNotLoaded(f"model {self._config.name} is not loaded")
+        # aclosing: a cancelled task closes the engine stream at once, which stops the engine.
+        async with aclosing(self._engine.generate(request)) as deltas:
+            async for delta in deltas:
+                yield delta

@@ -1,0 +1,103 @@
+"""The router: HTTP ingress (OpenAI API) and Python handle API, over ``serving.ChatService``.
+
+Routes stay thin. A streaming response settles its HTTP status before any byte is sent:
+validation, model lookup and the first chunk (which proves the engine accepted the request)
+all happen first, so early failures are real 4xx/5xx responses. After that, an error
+becomes one final SSE ``{"error": ...}`` event followed by ``data: [DONE]``.
+
+(No ``from __future__ import annotations`` here: FastAPI must see real annotations on the
+ingress methods.)
+"""
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import aclosing
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+from ray import serve
+from ray.serve.handle import DeploymentHandle
+
+from deployments.config import AppConfig
+from deployments.errors import ServeError, as_serve_error
+from deployments.protocol import SSE_DONE, ChatCompletionRequest, sse_event
+from deployments.serving import ChatService, new_request_id, parse_request
+
+logger = logging.getLogger("ray.serve")
+
+api = FastAPI(title="nika-serve", description="OpenAI-compatible chat for local GGUF and vision models")
+
+
+@api.exception_handler(ServeError)
+async def _serve_error(_: Request, exc: ServeError) -> JSONResponse:
+    return error_response(exc)
+
+
+def error_response(exc: BaseException) -> JSONResponse:
+    error = as_serve_error(exc)
+    return JSONResponse(error.to_body(), status_code=error.status_code, headers=error.headers())
+
+
+async def _sse(first: dict[str, Any], chunks: AsyncIterator[dict[str, Any]]) -> AsyncIterator[bytes]:
+    async with aclosing(chunks):
+        try:
+            yield sse_event(first)
+            async for chunk in chunks:
+                yield sse_event(chunk)
+        except Exception as exc:  # headers are out: the error travels as the last event
+            yield sse_event(as_serve_error(exc).to_body())
+        yield SSE_DONE
+
+
+@serve.deployment
+@serve.ingress(api)
+class Router:
+    """Routes chat requests to the model deployments by the ``model`` field."""
+
+    def __init__(self, config: dict[str, Any], models: dict[str, DeploymentHandle]) -> None:
+        self._service = ChatService(AppConfig.model_validate(config), models)
+
+    # -- HTTP --------------------------------------------------------------------------
+
+    @api.get("/healthz")
+    async def healthz(self) -> dict[str, str]:
+        return {"status": "ok"}
+
+    @api.get("/v1/models")
+    async def models(self) -> dict[str, Any]:
+        return {"object": "list", "data": await self._service.list_models()}
+
+    @api.post("/v1/chat/completions")
+    async def chat_completions(self, request: Request) -> Any:
+        body = parse_request(await request.body())
+        request_id = new_request_id()
+        prepared = self._service.prepare(body, request_id)
+        if not body.stream:
+            return JSONResponse(await self._service.complete(prepared, request_id))
+        chunks = self._service.stream(prepared, request_id)
+        try:
+            first = await anext(chunks)
+        except BaseException:
+            await chunks.aclose()
+            raise
+        return StreamingResponse(_sse(first, chunks), media_type="text/event-stream")
+
+    # -- Python API (deployment handles), mirroring nika's infer / infer_stream ---------
+
+    async def infer(self, request: dict[str, Any] | ChatCompletionRequest) -> dict[str, Any]:
+        """One ``chat.completion`` dict; raises a ``ServeError`` subclass on failure."""
+        body = parse_request(request)
+        request_id = new_request_id()
+        return await self._service.complete(self._service.prepare(body, request_id), request_id)
+
+    async def infer_stream(self, request: dict[str, Any] | ChatCompletionRequest) -> AsyncIterator[dict[str, Any]]:
+        """``chat.completion.chunk`` dicts; call with ``handle.options(stream=True)``."""
+        body = parse_request(request)
+        request_id = new_request_id()
+        async with aclosing(self._service.stream(self._service.prepare(body, request_id), request_id)) as chunks:
+            async for chunk in chunks:
+                yield chunk
+
+    async def list_models(self) -> list[dict[str, Any]]:
+        return await self._service.list_models()

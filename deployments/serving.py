@@ -1,0 +1,202 @@
+"""Chat serving logic: validate, route to a model deployment, stream under deadlines.
+
+No FastAPI here: the HTTP routes and the Python handle API in ``router`` both call this,
+so streaming and non-streaming, HTTP and handles, share one path to the engines.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Mapping
+from contextlib import aclosing
+from dataclasses import dataclass
+from typing import Any
+
+from pydantic import ValidationError
+from ray import serve
+from ray.serve.handle import DeploymentHandle
+
+from deployments.config import AppConfig, Deadlines, ModelConfig
+from deployments.constants import MODEL_INFO_TIMEOUT_S
+from deployments.engines.base import Delta, GenerationRequest, ModelInfo, ModelStatus, SamplingParams
+from deployments.errors import InferenceFailed, InvalidRequest, ModelNotFound, ServeError, as_serve_error
+from deployments.protocol import ChatCompletionRequest, ChunkFactory, completion_body, model_card
+from deployments.streaming import with_deadlines
+
+logger = logging.getLogger("ray.serve")
+
+
+def new_request_id() -> str:
+    """The completion id: Serve's request id (echoed as ``x-request-id``, in every log line)."""
+    context = serve.context._get_serve_request_context()
+    return f"chatcmpl-{context.request_id or uuid.uuid4().hex}"
+
+
+def parse_request(raw: bytes | str | Mapping[str, Any] | ChatCompletionRequest) -> ChatCompletionRequest:
+    """Validate a request body; every problem becomes one 400 naming the fields to fix."""
+    if isinstance(raw, ChatCompletionRequest):
+        return raw
+    try:
+        if isinstance(raw, bytes | str):
+            return ChatCompletionRequest.model_validate_json(raw)
+        return ChatCompletionRequest.model_validate(raw)
+    except ValidationError as exc:
+        raise InvalidRequest(_describe_validation_error(exc)) from None
+
+
+def _describe_validation_error(exc: ValidationError) -> str:
+    problems = []
+    for error in exc.errors(include_url=False):
+        where = ".".join(str(part) for part in error["loc"]) or "body"
+        if error["type"] == "json_invalid":
+            problems.append(f"the request body is not valid JSON ({error['ctx']['error']})")
+        elif error["type"] == "extra_forbidden":
+            problems.append(f"{where}: unknown field")
+        else:
+            problems.append(f"{where}: {error['msg']}")
+    return "invalid request: " + "; ".join(problems)
+
+
+@dataclass(frozen=True, slots=True)
+class PreparedChat:
+    """A validated request, bound to its model, ready to send."""
+
+    model: ModelConfig
+    request: GenerationRequest
+    deadlines: Deadlines
+    include_usage: bool
+
+
+class ChatService:
+    def __init__(self, config: AppConfig, handles: Mapping[str, DeploymentHandle]) -> None:
+        self._config = config
+        self._models = {m.name: m for m in config.models}
+        self._handles = dict(handles)
+        self._streams = {name: h.options(stream=True) for name, h in handles.items()}
+        self._created = int(time.time())
+
+    # -- validation --------------------------------------------------------------------
+
+    def prepare(self, body: ChatCompletionRequest, request_id: str) -> PreparedChat:
+        model = self._models.get(body.model)
+        if model is None:
+            raise ModelNotFound(
+                f"model {body.model!r} not found; available models: {', '.join(sorted(self._models))}"
+            )
+        if body.has_images and not model.supports_vision:
+            vision = sorted(m.name for m in self._config.models if m.supports_vision)
+            raise InvalidRequest(
+                f"model {model.name} does not accept images; "
+                + (f"models that do: {', '.join(vision)}" if vision else "no configured model accepts images"),
+                code="images_not_supported",
+            )
+        if len(body.messages) > self._config.router.max_messages:
+            raise InvalidRequest(f"too many messages: {len(body.messages)} > {self._config.router.max_messages}")
+        max_tokens = body.max_completion_tokens or body.max_tokens or model.sampling.max_tokens
+        if max_tokens >= model.context_size:
+            raise InvalidRequest(
+                f"max_tokens={max_tokens} must be below the context size of model {model.name} ({model.context_size})"
+            )
+        sampling = SamplingParams(
+            temperature=model.sampling.temperature if body.temperature is None else body.temperature,
+            top_p=model.sampling.top_p if body.top_p is None else body.top_p,
+            top_k=model.sampling.top_k if body.top_k is None else body.top_k,
+            max_tokens=max_tokens,
+            stop=tuple(body.stop or ()),
+            seed=body.seed,
+            ignore_eos=body.ignore_eos,
+        )
+        messages = tuple({"role": m.role, "content": m.text()} for m in body.messages)
+        return PreparedChat(
+            model=model,
+            request=GenerationRequest(request_id=request_id, messages=messages, sampling=sampling),
+            deadlines=self._deadlines(body, model),
+            include_usage=bool(body.stream_options and body.stream_options.include_usage),
+        )
+
+    @staticmethod
+    def _deadlines(body: ChatCompletionRequest, model: ModelConfig) -> Deadlines:
+        requested = Deadlines(
+            first_chunk_timeout_s=body.first_chunk_timeout_s,
+            chunk_timeout_s=body.chunk_timeout_s,
+            request_timeout_s=body.request_timeout_s,
+        )
+        for name, value in requested.model_dump(exclude_none=True).items():
+            bound = getattr(model.deadlines.maximum, name)
+            if bound is not None and value > bound:
+                raise InvalidRequest(f"{name}={value:g} exceeds the maximum of {bound:g} for model {model.name}")
+        return requested.merged_over(model.deadlines.default)
+
+    # -- generation --------------------------------------------------------------------
+
+    async def deltas(self, prepared: PreparedChat) -> AsyncIterator[Delta]:
+        """The model's deltas under the request's deadlines; cancels the replica on early exit."""
+        response = self._streams[prepared.model.name].generate.remote(prepared.request)
+        finished = False
+        try:
+            async for delta in with_deadlines(response, prepared.deadlines, on_expire=response.cancel):
+                yield delta
+            finished = True
+        except ServeError:
+            raise
+        except Exception as exc:
+            raise as_serve_error(exc) from exc
+        finally:
+            if not finished:  # consumer gone, deadline fired or error: stop the engine too
+                response.cancel()
+
+    async def stream(self, prepared: PreparedChat, completion_id: str) -> AsyncIterator[dict[str, Any]]:
+        """OpenAI ``chat.completion.chunk`` dicts."""
+        factory = ChunkFactory(completion_id, prepared.model.name, prepared.include_usage)
+        async with aclosing(self.deltas(prepared)) as deltas:
+            async for delta in deltas:
+                for chunk in factory.chunks(delta):
+                    yield chunk
+
+    async def complete(self, prepared: PreparedChat, completion_id: str) -> dict[str, Any]:
+        """One OpenAI ``chat.completion`` dict."""
+        parts: list[str] = []
+        last: Delta | None = None
+        async for last in self.deltas(prepared):
+            parts.append(last.text)
+        if last is None or last.usage is None or last.finish_reason is None:
+            raise InferenceFailed(f"model {prepared.model.name} ended the stream without a finish reason")
+        return completion_body(completion_id, prepared.model.name, "".join(parts), last.finish_reason, last.usage)
+
+    # -- models ------------------------------------------------------------------------
+
+    async def list_models(self) -> list[dict[str, Any]]:
+        infos = await asyncio.gather(*(self._model_info(m) for m in self._config.models))
+        return [model_card(info, self._created) for info in infos]
+
+    async def _model_info(self, model: ModelConfig) -> ModelInfo:
+        """Merge the replicas' reports: one card per model, generations summed."""
+        try:
+            reports = await self._handles[model.name].broadcast("info").results_async(
+                timeout_s=MODEL_INFO_TIMEOUT_S, return_exceptions=True
+            )
+        except Exception as exc:  # no replica running (starting, failed) or no answer in time
+            reports = [exc]
+        infos = [r for r in reports if isinstance(r, ModelInfo)]
+        if not infos:
+            error = as_serve_error(reports[0]).message if reports else "no replica is running"
+            return ModelInfo(
+                id=model.name,
+                kind=model.kind,
+                name=model.name,
+                size_bytes=0,
+                quantization=None,
+                context_length=model.context_size,
+                supports_vision=model.supports_vision,
+                status=ModelStatus.FAILED,
+                error=error,
+            )
+        statuses = {i.status for i in infos}
+        status = statuses.pop() if len(statuses) == 1 else ModelStatus.LOADING
+        return infos[0].model_copy(
+            update={"status": status, "active_generations": sum(i.active_generations for i in infos)}
+        )
+

@@ -1,0 +1,73 @@
+"""Deadlines around async streams: one implementation for every path.
+
+Ray Serve's own request timeout bounds only the time to the first chunk; ours bounds every
+chunk. :func:`with_deadlines` wraps any async iterator (a Serve streaming handle response,
+an engine stream) and enforces three deadlines:
+
+- ``first_chunk_timeout_s``: until the first item (queueing and prompt processing);
+- ``chunk_timeout_s``: idle time between consecutive items;
+- ``request_timeout_s``: the whole stream.
+
+Each wait gets the tightest of the deadlines that apply to it, so the error names the one
+that actually fired. When one fires, ``on_expire`` runs first (it cancels the upstream work
+so the engine stops) and :class:`~deployments.errors.InferenceTimeout` is raised with the
+deadline's name as its ``code``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+from collections.abc import AsyncIterator, Callable
+from typing import TypeVar
+
+from deployments.config import Deadlines
+from deployments.errors import InferenceTimeout
+
+T = TypeVar("T")
+
+
+class DeadlineKind(str, enum.Enum):
+    FIRST_CHUNK = "first_chunk_timeout"
+    CHUNK = "chunk_timeout"
+    REQUEST = "request_timeout"
+
+
+def _describe(kind: DeadlineKind, seconds: float) -> str:
+    what = {
+        DeadlineKind.FIRST_CHUNK: "no first token within",
+        DeadlineKind.CHUNK: "no new token within",
+        DeadlineKind.REQUEST: "the request did not finish within",
+    }[kind]
+    return f"{what} {seconds:g}s ({kind.value}_s); raise it in the request or the model's deadlines config"
+
+
+async def with_deadlines(
+    stream: AsyncIterator[T], deadlines: Deadlines, on_expire: Callable[[], object] | None = None
+) -> AsyncIterator[T]:
+    """Yield from ``stream`` under ``deadlines``; raise ``InferenceTimeout`` when one fires."""
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    request_at = started + deadlines.request_timeout_s if deadlines.request_timeout_s else None
+    idle_kind, idle_s = DeadlineKind.FIRST_CHUNK, deadlines.first_chunk_timeout_s
+    while True:
+        now = loop.time()
+        # The tightest applicable deadline, as an absolute time.
+        candidates = [(now + idle_s, idle_kind, idle_s)] if idle_s else []
+        if request_at is not None:
+            candidates.append((request_at, DeadlineKind.REQUEST, deadlines.request_timeout_s))
+        expires_at, kind, seconds = min(candidates, key=lambda c: c[0]) if candidates else (None, None, None)
+        timer = asyncio.timeout_at(expires_at)
+        try:
+            async with timer:
+                item = await anext(stream)
+        except StopAsyncIteration:
+            return
+        except TimeoutError:
+            if not timer.expired():  # raised by the stream itself, not by our deadline
+                raise
+            if on_expire is not None:
+                on_expire()
+            raise InferenceTimeout(_describe(kind, seconds), code=kind.value) from None
+        yield item
+        idle_kind, idle_s = DeadlineKind.CHUNK, deadlines.chunk_timeout_s
