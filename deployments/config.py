@@ -185,3 +185,34 @@ class AppConfig(StrictModel):
 
     def model(self, name: str) -> ModelConfig:
         return next(m for m in self.models if m.name == name)
+
+
+def validate_serve_config(path: Path) -> dict[str, AppConfig]:
+    """Validate a Serve config file: Ray's own schema, then ours for each of our apps.
+
+    ``serve run config.yaml`` builds the app in a cluster task and keeps running when that
+    fails, so ``make serve`` calls this first to fail at once with the field's path.
+    """
+    import yaml
+    from ray.serve.schema import ServeDeploySchema
+
+    schema = ServeDeploySchema.model_validate(yaml.safe_load(path.read_text()))
+    return {
+        app.name: AppConfig.model_validate(app.args)
+        for app in schema.applications
+        if app.import_path == "deployments.app:build_app"
+    }
+
+
+if __name__ == "__main__":
+    import sys
+
+    from pydantic import ValidationError
+
+    config_path = Path(sys.argv[1] if len(sys.argv) > 1 else "serve_config.yaml")
+    try:
+        apps = validate_serve_config(config_path)
+    except ValidationError as error:
+        sys.exit(f"{config_path}: invalid config\n{error}")
+    for app_name, app_config in apps.items():
+        print(f"{config_path}: app {app_name!r} OK ({', '.join(m.name for m in app_config.models)})")

@@ -60,25 +60,25 @@ SPECS = {spec.name: spec for spec in (TINY, MEDIUM)}
 
 
 def _vocabulary(size: int, rng: np.random.Generator) -> tuple[list[str], list[float], list[int]]:
-    """A SentencePiece-style vocabulary: control tokens, byte fallback, letters, pseudo-words."""
+    """A SentencePiece-style vocabulary: control tokens, printable ASCII, pseudo-words.
+
+    No byte-fallback tokens: a random model samples them freely, and lone bytes decode to
+    invalid UTF-8 (which also stalls llama.cpp's stop-string matching). Without them every
+    output decodes to clean text, and characters outside the vocabulary map to ``<unk>``.
+    """
     T = gguf.TokenType
-    tokens = ["<unk>", "<s>", "</s>"]
-    types = [T.UNKNOWN, T.CONTROL, T.CONTROL]
-    tokens += [f"<0x{b:02X}>" for b in range(256)]
-    types += [T.BYTE] * 256
-    pieces = ["\u2581"] + list(string.ascii_letters + string.digits + string.punctuation)
-    pieces += ["\u2581" + c for c in string.ascii_lowercase]
+    tokens = ["<unk>", "<s>", "</s>", "\u2581", *string.ascii_letters, *string.digits, *string.punctuation, "\n"]
+    tokens += ["\u2581" + c for c in string.ascii_lowercase]
     letters = np.array(list(string.ascii_lowercase))
-    seen = set(tokens) | set(pieces)
-    while len(tokens) + len(pieces) < size:
+    seen = set(tokens)
+    while len(tokens) < size:
         word = "\u2581" + "".join(rng.choice(letters, size=int(rng.integers(2, 8))))
         if word not in seen:
             seen.add(word)
-            pieces.append(word)
-    tokens += pieces[: size - len(tokens)]
-    types += [T.NORMAL] * (size - len(types))
+            tokens.append(word)
+    types = [T.UNKNOWN, T.CONTROL, T.CONTROL] + [T.NORMAL] * (size - 3)
     # Longer pieces score higher so SentencePiece merges prefer whole words.
-    scores = [0.0] * 259 + [float(len(p)) for p in tokens[259:]]
+    scores = [0.0, 0.0, 0.0] + [float(len(t)) for t in tokens[3:]]
     return tokens, scores, [int(t) for t in types]
 
 

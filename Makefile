@@ -1,0 +1,49 @@
+# `make serve` and `make test` work on a fresh machine: each (re)creates the virtualenv only
+# when pyproject.toml changed, builds llama-cpp-python once per build configuration (cached
+# outside the repo), generates the demo models if absent, then runs.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+CACHE_DIR ?= $(HOME)/.cache/nika-serve
+
+# llama.cpp CPU build: a portable x86-64 baseline (AVX2/FMA/F16C), never -march=native.
+# A native build here enables AVX512/AMX and segfaults in decode on every quantized model;
+# and a wheel built natively on one node can crash on another node of a cluster.
+LLAMA_VERSION := 0.3.36
+LLAMA_CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_AVX512=OFF -DLLAVA_BUILD=OFF
+LLAMA_WHEEL_DIR := $(CACHE_DIR)/wheels/llama-cpp-python-$(LLAMA_VERSION)-$(shell echo '$(LLAMA_CMAKE_ARGS)' | sha1sum | cut -c1-10)
+LLAMA_WHEEL := $(LLAMA_WHEEL_DIR)/.built
+INSTALLED := $(VENV)/.installed
+DEMO_MODELS := models/tiny-llama-Q4_K_M.gguf models/medium-llama-Q4_K_M.gguf
+
+.PHONY: install models serve test clean
+
+install: $(INSTALLED)
+
+$(LLAMA_WHEEL):
+	@echo "Building llama-cpp-python $(LLAMA_VERSION) ($(LLAMA_CMAKE_ARGS)); ~5-9 min once, then cached in $(LLAMA_WHEEL_DIR)"
+	mkdir -p $(LLAMA_WHEEL_DIR)
+	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) $(PYTHON) -m pip wheel --no-deps \
+		--no-binary llama-cpp-python --no-cache-dir -w $(LLAMA_WHEEL_DIR) "llama-cpp-python==$(LLAMA_VERSION)"
+	touch $@
+
+$(INSTALLED): pyproject.toml $(LLAMA_WHEEL)
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --find-links $(LLAMA_WHEEL_DIR) --only-binary llama-cpp-python -e '.[dev]'
+	touch $@
+
+$(DEMO_MODELS) &: | $(INSTALLED)
+	$(PY) -m deployments.demo_models --dir models
+
+models: $(DEMO_MODELS)
+
+serve: install models
+	$(PY) -m deployments.config serve_config.yaml
+	$(VENV)/bin/serve run serve_config.yaml
+
+test: install models
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(VENV) models .pytest_cache

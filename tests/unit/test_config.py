@@ -1,0 +1,98 @@
+"""Config errors fail at build time with the field's path, before anything is deployed."""
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from pydantic import ValidationError
+
+from deployments.app import build_app
+from deployments.config import AppConfig, validate_serve_config
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def model(models_dir: Path, **overrides: Any) -> dict[str, Any]:
+    return {"name": "m", "kind": "gguf", "path": str(models_dir / "tiny-llama-Q4_K_M.gguf"), **overrides}
+
+
+def error_text(args: dict[str, Any]) -> str:
+    with pytest.raises(ValidationError) as info:
+        build_app(args)
+    return str(info.value)
+
+
+def test_the_shipped_serve_config_validates(models_dir: Path) -> None:
+    apps = validate_serve_config(ROOT / "serve_config.yaml")
+    assert [m.kind for m in apps["nika"].models] == ["gguf"]
+
+
+def test_missing_model_file(models_dir: Path) -> None:
+    text = error_text({"models": [model(models_dir, path="models/nope-Q4_0.gguf")]})
+    assert "models.0.path" in text and "GGUF file not found" in text and "make models" in text
+
+
+@pytest.mark.parametrize(
+    ("overrides", "field"),
+    [
+        ({"contxt_size": 10}, "models.0.contxt_size"),
+        ({"context_size": 0}, "models.0.context_size"),
+        ({"gpu_layers": -2}, "models.0.gpu_layers"),
+        ({"kind": "onnx"}, "models.0.kind"),
+        ({"sampling": {"temperature": 3}}, "models.0.sampling.temperature"),
+        ({"deadlines": {"default": {"chunk_timeout_s": -1}}}, "models.0.deadlines.default.chunk_timeout_s"),
+        ({"deadlines": {"default": {"chunk_timeout_s": 900}}}, "exceeds maximum.chunk_timeout_s"),
+        ({"deployment": {"ray_actor_options": {"num_cpu": 1}}}, "unknown ray_actor_options ['num_cpu']"),
+        ({"deployment": {"num_replicas": 2, "autoscaling_config": {"max_replicas": 2}}}, "not both"),
+        ({"deployment": {"autoscaling_config": {"min_replicas": 3, "max_replicas": 1}}}, "autoscaling_config"),
+        ({"name": "bad name with spaces"}, "models.0.name"),
+    ],
+)
+def test_bad_values_name_their_field(models_dir: Path, overrides: dict[str, Any], field: str) -> None:
+    assert field in error_text({"models": [model(models_dir, **overrides)]})
+
+
+def test_duplicate_names_and_unknown_top_level_keys(models_dir: Path) -> None:
+    assert "duplicate model names: ['m']" in error_text({"models": [model(models_dir), model(models_dir)]})
+    assert "routr" in error_text({"models": [model(models_dir)], "routr": {}})
+
+
+def test_the_config_cli_exits_non_zero_naming_the_field(models_dir: Path, tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    config = yaml.safe_load((ROOT / "serve_config.yaml").read_text())
+    config["applications"][0]["args"]["models"][0]["context_size"] = "big"
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump(config))
+    result = subprocess.run([sys.executable, "-m", "deployments.config", str(bad)], capture_output=True, text=True, cwd=ROOT)
+    assert result.returncode == 1
+    assert "models.0.context_size" in result.stderr
+
+
+def test_deployment_options_pass_through_to_serve(models_dir: Path) -> None:
+    config = AppConfig.model_validate(
+        {
+            "models": [
+                model(
+                    models_dir,
+                    deployment={
+                        "autoscaling_config": {"min_replicas": 1, "max_replicas": 3},
+                        "max_ongoing_requests": 2,
+                        "max_queued_requests": 8,
+                        "ray_actor_options": {"num_cpus": 1, "resources": {"cpu_node": 0.01}},
+                    },
+                )
+            ]
+        }
+    )
+    app = build_app(config)
+    models = app._bound_deployment.init_args[1]
+    deployment = models["m"]._bound_deployment
+    assert deployment.name == "model-m"
+    assert deployment.max_ongoing_requests == 2
+    assert deployment._deployment_config.max_queued_requests == 8
+    assert deployment._deployment_config.user_config == {"loaded": True}
+    assert deployment.ray_actor_options["resources"] == {"cpu_node": 0.01}
+    assert deployment._deployment_config.autoscaling_config.max_replicas == 3
