@@ -17,14 +17,18 @@ from deployments.replica import ModelReplica
 from deployments.router import Router
 
 
-def deployment_name(model: ModelConfig) -> str:
+DEFAULT_APP_NAME = "nika"
+IMPORT_PATH = "deployments.app:build_app"
+
+
+def deployment_name(model_name: str) -> str:
     """Serve deployment names must not contain ``#``; keep them readable in ``serve status``."""
-    return "model-" + re.sub(r"[^A-Za-z0-9_.-]", "_", model.name)
+    return "model-" + re.sub(r"[^A-Za-z0-9_.-]", "_", model_name)
 
 
 def build_model(model: ModelConfig) -> Application:
     deployment = serve.deployment(ModelReplica).options(
-        name=deployment_name(model),
+        name=deployment_name(model.name),
         user_config={"loaded": model.loaded},
         **model.deployment.serve_options(),
     )

@@ -15,10 +15,13 @@ import pytest
 import ray
 from ray import serve
 
-from deployments.app import build_app
+from ray.serve.context import _get_global_client
+from ray.serve.schema import ServeApplicationSchema, ServeDeploySchema
+
+from deployments.app import DEFAULT_APP_NAME, IMPORT_PATH
 from deployments.config import AppConfig
 
-APP_NAME = "nika"
+APP_NAME = DEFAULT_APP_NAME
 
 
 def e2e_config(models_dir: Path, **tiny_overrides: Any) -> AppConfig:
@@ -56,6 +59,7 @@ class ServeApp:
     base_url: str
     models_dir: Path
     http: httpx.Client
+    http_options: dict[str, Any]
 
     @property
     def openai(self) -> openai.OpenAI:
@@ -69,7 +73,12 @@ class ServeApp:
         return self.model_card(model)["active_generations"]
 
     def deploy(self, config: AppConfig) -> None:
-        serve.run(build_app(config), name=APP_NAME, route_prefix="/")
+        """Deploy from a config, as ``serve run serve_config.yaml`` does (declarative API)."""
+        app = ServeApplicationSchema(
+            name=APP_NAME, route_prefix="/", import_path=IMPORT_PATH, args=config.model_dump(mode="json")
+        )
+        client = _get_global_client()
+        client.deploy_apps(ServeDeploySchema(http_options=self.http_options, applications=[app]), _blocking=True)
 
 
 def _free_port() -> int:
@@ -80,11 +89,12 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="session")
 def app(models_dir: Path) -> Iterator[ServeApp]:
-    port = _free_port()
+    http_options = {"host": "127.0.0.1", "port": _free_port()}
+    base_url = f"http://127.0.0.1:{http_options['port']}"
     ray.init(num_cpus=4, include_dashboard=False, logging_level="WARNING")
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60) as http:
-        served = ServeApp(f"http://127.0.0.1:{port}", models_dir, http)
+    serve.start(http_options=http_options)
+    with httpx.Client(base_url=base_url, timeout=60) as http:
+        served = ServeApp(base_url, models_dir, http, http_options)
         served.deploy(e2e_config(models_dir))
         yield served
     serve.shutdown()

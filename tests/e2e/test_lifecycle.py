@@ -1,0 +1,65 @@
+"""Load/unload through Serve's user_config: every replica, in place, 503 while unloaded."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import openai
+import pytest
+import ray
+from ray import serve
+
+from deployments.lifecycle import set_model_loaded
+from tests.e2e.conftest import APP_NAME, ServeApp, chat, e2e_config, poll
+
+pytestmark = pytest.mark.e2e
+
+
+def replica_pids(model: str) -> set[int]:
+    """PIDs of the model's replica actors (Serve names them ``SERVE_REPLICA::<app>#<deployment>#<id>``)."""
+    prefix = f"SERVE_REPLICA::{APP_NAME}#model-{model}#"
+    names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if a["name"].startswith(prefix)]
+    return {ray.get(ray.get_actor(n, namespace="serve").__ray_call__.remote(lambda _: os.getpid())) for n in names}
+
+
+def test_unload_then_load_again_in_place(app: ServeApp, client: openai.OpenAI) -> None:
+    before = replica_pids("tiny")
+    assert len(before) == 1
+    set_model_loaded("tiny", False)
+    try:
+        assert app.model_card("tiny")["status"] == "unloaded"
+        with pytest.raises(openai.InternalServerError) as info:
+            client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}])
+        assert info.value.status_code == 503
+        assert info.value.body == {
+            "message": "model tiny is not loaded",
+            "type": "service_unavailable",
+            "code": "model_not_loaded",
+        }
+        # The other model is untouched.
+        assert client.chat.completions.create(model="medium", messages=[{"role": "user", "content": "hi"}], max_tokens=3)
+    finally:
+        set_model_loaded("tiny", True)
+    assert app.model_card("tiny")["status"] == "loaded"
+    assert client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=3)
+    assert replica_pids("tiny") == before  # reconfigured, never restarted
+
+
+def test_unload_applies_to_every_replica_and_the_cli_drives_it(app: ServeApp) -> None:
+    two = {"num_replicas": 2, "max_ongoing_requests": 4, "ray_actor_options": {"num_cpus": 0.5}}
+    app.deploy(e2e_config(app.models_dir, deployment=two))
+    try:
+        poll(lambda: len(replica_pids("tiny")) == 2, 60, "two tiny replicas")
+        cli = [sys.executable, "-m", "deployments.lifecycle"]
+        done = subprocess.run([*cli, "unload", "tiny"], capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stderr[-2000:]
+        infos = serve.get_deployment_handle("model-tiny", APP_NAME).broadcast("info").results(timeout_s=10)
+        assert [i.status.value for i in infos] == ["unloaded", "unloaded"]
+        for _ in range(4):  # whichever replica Serve picks, the answer is the same
+            assert app.http.post("/v1/chat/completions", json=chat("tiny")).status_code == 503
+        unknown = subprocess.run([*cli, "unload", "nope"], capture_output=True, text=True, timeout=120)
+        assert unknown.returncode != 0 and "model 'nope' not found" in unknown.stderr
+    finally:
+        app.deploy(e2e_config(app.models_dir))
