@@ -13,8 +13,8 @@ from ray import serve
 from ray.serve import Application
 
 from deployments.config import AppConfig, ModelConfig
-from deployments.replica import ModelReplica
-from deployments.router import Router
+from deployments.replica import ModelReplica, model_deployment_options
+from deployments.router import Router, router_deployment_options
 
 
 DEFAULT_APP_NAME = "nika"
@@ -28,9 +28,7 @@ def deployment_name(model_name: str) -> str:
 
 def build_model(model: ModelConfig) -> Application:
     deployment = serve.deployment(ModelReplica).options(
-        name=deployment_name(model.name),
-        user_config={"loaded": model.loaded},
-        **model.deployment.serve_options(),
+        name=deployment_name(model.name), **model_deployment_options(model)
     )
     return deployment.bind(model.model_dump(mode="json"))
 
@@ -38,4 +36,5 @@ def build_model(model: ModelConfig) -> Application:
 def build_app(args: dict[str, Any] | AppConfig) -> Application:
     config = args if isinstance(args, AppConfig) else AppConfig.model_validate(args)
     models = {model.name: build_model(model) for model in config.models}
-    return Router.options(**config.router.deployment.serve_options()).bind(config.model_dump(mode="json"), models)
+    router = Router.options(**router_deployment_options(config.router))
+    return router.bind(config.model_dump(mode="json"), models)

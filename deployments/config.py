@@ -83,25 +83,29 @@ class SamplingDefaults(StrictModel):
 
 
 class DeploymentOptions(StrictModel):
-    """Serve options of one deployment, passed through to ``Deployment.options``."""
+    """Serve options of one deployment, passed through to ``Deployment.options``.
+
+    Unset options keep the deployment's own defaults (``replica.model_deployment_options``,
+    ``router.router_deployment_options``), then Serve's.
+    """
 
     num_replicas: PositiveInt | None = Field(default=None, description="Fixed replica count (default 1).")
     autoscaling_config: dict[str, Any] | None = Field(
         default=None, description="Serve autoscaling config; exclusive with num_replicas."
     )
-    max_ongoing_requests: PositiveInt = Field(default=C.DEFAULT_MODEL_MAX_ONGOING_REQUESTS)
-    max_queued_requests: int = Field(
-        default=C.DEFAULT_MODEL_MAX_QUEUED_REQUESTS, ge=-1, description="Caller-side queue bound; -1 is unbounded."
+    max_ongoing_requests: PositiveInt | None = Field(default=None, description="Requests in flight per replica.")
+    max_queued_requests: int | None = Field(
+        default=None, ge=-1, description="Caller-side queue bound; -1 is unbounded."
     )
-    ray_actor_options: dict[str, Any] = Field(default_factory=dict)
+    ray_actor_options: dict[str, Any] | None = Field(default=None, description="num_cpus, num_gpus, resources, ...")
     graceful_shutdown_timeout_s: PositiveFloat | None = None
     health_check_period_s: PositiveFloat | None = None
     health_check_timeout_s: PositiveFloat | None = None
 
     @field_validator("ray_actor_options")
     @classmethod
-    def _known_actor_options(cls, value: dict[str, Any]) -> dict[str, Any]:
-        unknown = set(value) - _RAY_ACTOR_OPTION_KEYS
+    def _known_actor_options(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        unknown = set(value or ()) - _RAY_ACTOR_OPTION_KEYS
         if unknown:
             raise ValueError(f"unknown ray_actor_options {sorted(unknown)}; allowed: {sorted(_RAY_ACTOR_OPTION_KEYS)}")
         return value
@@ -121,9 +125,12 @@ class DeploymentOptions(StrictModel):
             raise ValueError("set either num_replicas or autoscaling_config, not both")
         return self
 
-    def serve_options(self) -> dict[str, Any]:
-        """Keyword arguments for ``Deployment.options``; unset options keep Serve's defaults."""
-        return self.model_dump(exclude_none=True)
+    def serve_options(self, defaults: dict[str, Any]) -> dict[str, Any]:
+        """Keyword arguments for ``Deployment.options``: what is set here, over ``defaults``."""
+        options = defaults | self.model_dump(exclude_none=True)
+        if "autoscaling_config" in options:
+            options.pop("num_replicas", None)
+        return options
 
 
 class ModelConfigBase(StrictModel):
@@ -144,7 +151,9 @@ class GGUFModelConfig(ModelConfigBase):
     path: Path = Field(description="Local GGUF file; relative paths resolve against the working directory.")
     gpu_layers: int = Field(default=0, ge=-1, description="Layers offloaded to the GPU; -1 offloads all.")
     n_threads: PositiveInt | None = Field(default=None, description="llama.cpp threads (default: the actor's CPUs).")
-    seed: int = Field(default=0, ge=0, description="Sampling seed when a request sets none.")
+    seed: int | None = Field(
+        default=None, ge=0, description="Sampling seed when a request sets none; unset draws a new one per request."
+    )
 
     @field_validator("path")
     @classmethod
@@ -163,9 +172,7 @@ ModelConfig = GGUFModelConfig
 
 class RouterConfig(StrictModel):
     max_messages: PositiveInt = Field(default=C.DEFAULT_MAX_MESSAGES, description="Messages per request.")
-    deployment: DeploymentOptions = DeploymentOptions(
-        max_ongoing_requests=C.DEFAULT_ROUTER_MAX_ONGOING_REQUESTS, max_queued_requests=-1
-    )
+    deployment: DeploymentOptions = DeploymentOptions()
 
 
 class AppConfig(StrictModel):

@@ -14,13 +14,10 @@ MAX_FIRST_CHUNK_TIMEOUT_S = 600.0
 MAX_CHUNK_TIMEOUT_S = 300.0
 MAX_REQUEST_TIMEOUT_S = 3600.0
 
-# Serve options of a model deployment. A replica runs one generation at a time; the few
-# extra ongoing slots let control calls (info, load) and the next request reach it while
-# it generates, and Serve's caller-side queue (bounded) holds the rest.
+# Serve options (see replica.model_deployment_options and router.router_deployment_options).
 DEFAULT_MODEL_MAX_ONGOING_REQUESTS = 4
 DEFAULT_MODEL_MAX_QUEUED_REQUESTS = 64
 DEFAULT_ROUTER_MAX_ONGOING_REQUESTS = 256
-DEFAULT_RETRY_AFTER_S = 1
 
 # Control calls (model info) from the router to replicas must not hang /v1/models.
 MODEL_INFO_TIMEOUT_S = 5.0

@@ -17,6 +17,7 @@ from typing import Any
 
 from pydantic import TypeAdapter
 
+from deployments import constants as C
 from deployments.config import ModelConfig
 from deployments.engines import engine_for
 from deployments.engines.base import Delta, Engine, GenerationRequest, ModelInfo, ModelStatus
@@ -25,6 +26,21 @@ from deployments.errors import ModelNotLoaded, ServeError
 logger = logging.getLogger("ray.serve")
 
 _MODEL_CONFIG = TypeAdapter(ModelConfig)
+
+
+def model_deployment_options(model: ModelConfig) -> dict[str, Any]:
+    """Serve options of a model's deployment: its config over the model defaults.
+
+    A replica runs one generation at a time; the few extra ongoing slots let control calls
+    (info, reconfigure) and the next request reach it while it generates, and Serve's
+    caller-side queue, bounded by ``max_queued_requests``, holds the rest.
+    """
+    defaults = {
+        "max_ongoing_requests": C.DEFAULT_MODEL_MAX_ONGOING_REQUESTS,
+        "max_queued_requests": C.DEFAULT_MODEL_MAX_QUEUED_REQUESTS,
+        "ray_actor_options": {"num_cpus": 1},
+    }
+    return {"user_config": {"loaded": model.loaded}} | model.deployment.serve_options(defaults)
 
 
 class ModelReplica:

@@ -19,7 +19,8 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
-from deployments.config import AppConfig
+from deployments import constants as C
+from deployments.config import AppConfig, RouterConfig
 from deployments.errors import ServeError, as_serve_error
 from deployments.protocol import SSE_DONE, ChatCompletionRequest, sse_event
 from deployments.serving import ChatService, new_request_id, parse_request
@@ -48,6 +49,20 @@ async def _sse(first: dict[str, Any], chunks: AsyncIterator[dict[str, Any]]) -> 
         except Exception as exc:  # headers are out: the error travels as the last event
             yield sse_event(as_serve_error(exc).to_body())
         yield SSE_DONE
+
+
+def router_deployment_options(config: RouterConfig) -> dict[str, Any]:
+    """Serve options of the router: its config over the router defaults.
+
+    The router only awaits I/O, so one replica holds many requests; the model deployments'
+    queues are the bounded ones.
+    """
+    defaults = {
+        "max_ongoing_requests": C.DEFAULT_ROUTER_MAX_ONGOING_REQUESTS,
+        "max_queued_requests": -1,
+        "ray_actor_options": {"num_cpus": 0.5},
+    }
+    return config.deployment.serve_options(defaults)
 
 
 @serve.deployment

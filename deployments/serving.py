@@ -17,7 +17,7 @@ from typing import Any
 
 from pydantic import ValidationError
 from ray import serve
-from ray.serve.handle import DeploymentHandle
+from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 
 from deployments.config import AppConfig, Deadlines, ModelConfig
 from deployments.constants import MODEL_INFO_TIMEOUT_S
@@ -58,6 +58,14 @@ def _describe_validation_error(exc: ValidationError) -> str:
         else:
             problems.append(f"{where}: {error['msg']}")
     return "invalid request: " + "; ".join(problems)
+
+
+def _cancel(response: DeploymentResponseGenerator) -> None:
+    """Cancel a handle call; never raises (``cancel`` re-raises a failed call's error)."""
+    try:
+        response.cancel()
+    except Exception:  # the call already failed; its error is being reported
+        pass
 
 
 @dataclass(frozen=True, slots=True)
@@ -134,10 +142,12 @@ class ChatService:
 
     async def deltas(self, prepared: PreparedChat) -> AsyncIterator[Delta]:
         """The model's deltas under the request's deadlines; cancels the replica on early exit."""
-        response = self._streams[prepared.model.name].generate.remote(prepared.request)
+        response = None
         finished = False
         try:
-            async for delta in with_deadlines(response, prepared.deadlines, on_expire=response.cancel):
+            # Inside the try: a full queue raises BackPressureError right here.
+            response = self._streams[prepared.model.name].generate.remote(prepared.request)
+            async for delta in with_deadlines(response, prepared.deadlines, on_expire=lambda: _cancel(response)):
                 yield delta
             finished = True
         except ServeError:
@@ -145,8 +155,8 @@ class ChatService:
         except Exception as exc:
             raise as_serve_error(exc) from exc
         finally:
-            if not finished:  # consumer gone, deadline fired or error: stop the engine too
-                response.cancel()
+            if response is not None and not finished:  # consumer gone, deadline or error: stop the engine
+                _cancel(response)
 
     async def stream(self, prepared: PreparedChat, completion_id: str) -> AsyncIterator[dict[str, Any]]:
         """OpenAI ``chat.completion.chunk`` dicts."""

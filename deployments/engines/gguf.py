@@ -50,6 +50,14 @@ def read_gguf_facts(path: Path) -> GGUFFacts:
     return GGUFFacts(path.stat().st_size, quantization.name, context)
 
 
+def _assigned_cpus() -> int:
+    """The CPUs Ray gave this replica: llama.cpp's own default (all cores / 2) ignores them."""
+    import ray
+
+    cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1) if ray.is_initialized() else 1
+    return max(1, int(cpus))
+
+
 class _TokenWatch:
     """A llama.cpp stopping criterion: called once per sampled token, in Python.
 
@@ -99,7 +107,7 @@ class LlamaCppEngine(Engine):
                 model_path=str(cfg.path),
                 n_ctx=cfg.context_size,
                 n_gpu_layers=cfg.gpu_layers,
-                n_threads=cfg.n_threads,
+                n_threads=cfg.n_threads or _assigned_cpus(),
                 seed=cfg.seed,
                 verbose=False,
             )

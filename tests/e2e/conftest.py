@@ -24,21 +24,20 @@ from deployments.config import AppConfig
 APP_NAME = DEFAULT_APP_NAME
 
 
-def e2e_config(models_dir: Path, **tiny_overrides: Any) -> AppConfig:
-    """Two models: ``tiny`` (milliseconds) and ``medium`` (~10 ms/token, for deadlines)."""
+def e2e_config(models_dir: Path, tiny: dict[str, Any] | None = None, medium: dict[str, Any] | None = None) -> AppConfig:
+    """Two models: ``tiny`` (milliseconds) and ``medium`` (~10 ms/token, for deadlines).
+
+    ``tiny`` and ``medium`` override top-level keys of that model's entry.
+    """
     one_cpu = {"num_replicas": 1, "max_ongoing_requests": 4, "ray_actor_options": {"num_cpus": 1}}
     return AppConfig.model_validate(
         {
             "router": {"deployment": {"num_replicas": 1, "ray_actor_options": {"num_cpus": 0.5}}},
             "models": [
                 {"name": "tiny", "path": str(models_dir / "tiny-llama-Q4_K_M.gguf"), "deployment": one_cpu}
-                | tiny_overrides,
-                {
-                    "name": "medium",
-                    "path": str(models_dir / "medium-llama-Q4_K_M.gguf"),
-                    "n_threads": 1,
-                    "deployment": one_cpu,
-                },
+                | (tiny or {}),
+                {"name": "medium", "path": str(models_dir / "medium-llama-Q4_K_M.gguf"), "deployment": one_cpu}
+                | (medium or {}),
             ],
         }
     )

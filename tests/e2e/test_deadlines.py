@@ -107,7 +107,7 @@ def test_deadline_defaults_come_from_the_model_config(app: ServeApp) -> None:
     from tests.e2e.conftest import e2e_config
 
     strict = {"deadlines": {"default": {"first_chunk_timeout_s": 60, "chunk_timeout_s": 0.0001}}}
-    app.deploy(e2e_config(app.models_dir, **strict))
+    app.deploy(e2e_config(app.models_dir, tiny=strict))
     try:
         response = app.http.post("/v1/chat/completions", json=chat("tiny", max_tokens=200, ignore_eos=True))
         assert response.status_code == 504

@@ -49,7 +49,7 @@ def test_unload_then_load_again_in_place(app: ServeApp, client: openai.OpenAI) -
 
 def test_unload_applies_to_every_replica_and_the_cli_drives_it(app: ServeApp) -> None:
     two = {"num_replicas": 2, "max_ongoing_requests": 4, "ray_actor_options": {"num_cpus": 0.5}}
-    app.deploy(e2e_config(app.models_dir, deployment=two))
+    app.deploy(e2e_config(app.models_dir, tiny={'deployment': two}))
     try:
         poll(lambda: len(replica_pids("tiny")) == 2, 60, "two tiny replicas")
         cli = [sys.executable, "-m", "deployments.lifecycle"]

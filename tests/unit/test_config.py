@@ -96,3 +96,16 @@ def test_deployment_options_pass_through_to_serve(models_dir: Path) -> None:
     assert deployment._deployment_config.user_config == {"loaded": True}
     assert deployment.ray_actor_options["resources"] == {"cpu_node": 0.01}
     assert deployment._deployment_config.autoscaling_config.max_replicas == 3
+
+
+def test_partial_deployment_options_keep_each_deployments_own_defaults(models_dir: Path) -> None:
+    app = build_app({"models": [model(models_dir, deployment={"num_replicas": 2})], "router": {"deployment": {"num_replicas": 3}}})
+    router = app._bound_deployment
+    assert router.num_replicas == 3
+    assert router.max_ongoing_requests == 256
+    assert router._deployment_config.max_queued_requests == -1
+    replica = router.init_args[1]["m"]._bound_deployment
+    assert replica.num_replicas == 2
+    assert replica.max_ongoing_requests == 4
+    assert replica._deployment_config.max_queued_requests == 64
+    assert replica.ray_actor_options["num_cpus"] == 1
