@@ -15,7 +15,17 @@ LLAMA_CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON
 LLAMA_WHEEL_DIR := $(CACHE_DIR)/wheels/llama-cpp-python-$(LLAMA_VERSION)-$(shell echo '$(LLAMA_CMAKE_ARGS)' | sha1sum | cut -c1-10)
 LLAMA_WHEEL := $(LLAMA_WHEEL_DIR)/.built
 INSTALLED := $(VENV)/.installed
-DEMO_MODELS := models/tiny-llama-Q4_K_M.gguf models/medium-llama-Q4_K_M.gguf
+DEMO_MODELS := models/tiny-llama-Q4_K_M.gguf models/medium-llama-Q4_K_M.gguf models/tiny-idefics3/config.json
+
+# vLLM: the CUDA build where a GPU is present, else the CPU build. PyPI's torchvision,
+# torchaudio and torchcodec wheels (vLLM dependencies) are CUDA builds whose native
+# libraries fail to load beside CPU torch, and a torchvision that fails to import breaks
+# even `from transformers import LlamaConfig`. Nothing on our CPU path needs them (the demo
+# VLM is Idefics3, whose transformers and vLLM code never imports torchvision), so CPU
+# installs remove them.
+GPU := $(shell nvidia-smi -L >/dev/null 2>&1 && echo yes)
+VISION_EXTRA := $(if $(GPU),vision-gpu,vision-cpu)
+CUDA_ONLY_WHEELS := torchvision torchaudio torchcodec
 
 .PHONY: install models serve test clean
 
@@ -30,7 +40,9 @@ $(LLAMA_WHEEL):
 
 $(INSTALLED): pyproject.toml $(LLAMA_WHEEL)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --find-links $(LLAMA_WHEEL_DIR) --only-binary llama-cpp-python -e '.[dev]'
+	$(PY) -m pip install $(PIP_INSTALL_ARGS) --find-links $(LLAMA_WHEEL_DIR) --only-binary llama-cpp-python \
+		-e '.[dev,$(VISION_EXTRA)]'
+	$(if $(GPU),,$(PY) -m pip uninstall -y $(CUDA_ONLY_WHEELS))
 	touch $@
 
 $(DEMO_MODELS) &: | $(INSTALLED)

@@ -7,6 +7,7 @@ anything is deployed), then binds one model deployment per configured model and 
 from __future__ import annotations
 
 import re
+from pathlib import Path
 from typing import Any
 
 from ray import serve
@@ -26,15 +27,15 @@ def deployment_name(model_name: str) -> str:
     return "model-" + re.sub(r"[^A-Za-z0-9_.-]", "_", model_name)
 
 
-def build_model(model: ModelConfig) -> Application:
+def build_model(model: ModelConfig, cache_dir: Path) -> Application:
     deployment = serve.deployment(ModelReplica).options(
-        name=deployment_name(model.name), **model_deployment_options(model)
+        name=deployment_name(model.name), **model_deployment_options(model, cache_dir)
     )
     return deployment.bind(model.model_dump(mode="json"))
 
 
 def build_app(args: dict[str, Any] | AppConfig) -> Application:
     config = args if isinstance(args, AppConfig) else AppConfig.model_validate(args)
-    models = {model.name: build_model(model) for model in config.models}
+    models = {model.name: build_model(model, config.cache_dir) for model in config.models}
     router = Router.options(**router_deployment_options(config.router))
     return router.bind(config.model_dump(mode="json"), models)

@@ -8,7 +8,7 @@ into :class:`AppConfig`. Every model is strict (unknown keys are errors), so a t
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, field_validator, model_validator
 
@@ -166,12 +166,76 @@ class GGUFModelConfig(ModelConfigBase):
         return path
 
 
-# The vision model kind joins this as a discriminated union on ``kind``.
-ModelConfig = GGUFModelConfig
+class VisionModelConfig(ModelConfigBase):
+    """A vision-language model in a local HF-format folder, served by vLLM (PagedAttention)."""
+
+    supports_vision: ClassVar[bool] = True
+
+    kind: Literal["vision"] = "vision"
+    path: Path = Field(description="Local HF-format checkpoint folder (config.json, weights, processor).")
+    context_size: PositiveInt = Field(default=4096, description="vLLM max_model_len.")
+    isq: str | None = Field(
+        default=None,
+        description="In-situ quantization at load: FP8 or a vLLM method name (see quantization.ISQ_METHODS).",
+    )
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        default="auto", description="auto: the checkpoint's dtype, or bfloat16 when isq is set."
+    )
+    block_size: PositiveInt = Field(default=32, description="PagedAttention block size in tokens.")
+    kv_cache_bytes: PositiveInt = Field(
+        default=C.DEFAULT_KV_CACHE_BYTES, description="KV-cache size (vLLM kv_cache_memory_bytes)."
+    )
+    max_images: PositiveInt = Field(default=C.DEFAULT_MAX_IMAGES, description="Images per request.")
+
+    @property
+    def platform(self) -> Literal["cpu", "cuda"]:
+        """Where the replicas run: on a GPU exactly when the deployment asks for one."""
+        gpus = (self.deployment.ray_actor_options or {}).get("num_gpus", 0)
+        return "cuda" if gpus else "cpu"
+
+    @field_validator("path")
+    @classmethod
+    def _checkpoint_exists(cls, value: Path) -> Path:
+        path = value.expanduser().resolve()
+        if not (path / "config.json").is_file():
+            raise ValueError(f"no HF checkpoint (config.json) in {path} (generate the demo models with `make models`)")
+        return path
+
+    @model_validator(mode="after")
+    def _platform_rules(self) -> VisionModelConfig:
+        from deployments.quantization import resolve_isq
+
+        multiple = C.BLOCK_SIZE_MULTIPLE[self.platform]
+        if self.block_size % multiple:
+            raise ValueError(f"block_size={self.block_size} must be a multiple of {multiple} on {self.platform}")
+        if self.isq is not None:
+            resolve_isq(self.isq, self.platform)
+            if self.dtype == "float32":
+                raise ValueError("isq needs dtype bfloat16 or float16 (or auto)")
+        return self
+
+
+ModelConfig = Annotated[GGUFModelConfig | VisionModelConfig, Field(discriminator="kind")]
+
+
+class RemoteImages(StrictModel):
+    """Fetching ``http(s)`` image URLs; off unless hosts are listed (server-side request forgery)."""
+
+    allowed_hosts: list[str] = Field(default_factory=list, description="Exact host names that may be fetched.")
+    fetch_timeout_s: PositiveFloat = Field(default=C.DEFAULT_IMAGE_FETCH_TIMEOUT_S)
+
+
+class ImageLimits(StrictModel):
+    max_images: PositiveInt = Field(default=C.DEFAULT_MAX_IMAGES, description="Images per request.")
+    max_bytes: PositiveInt = Field(default=C.DEFAULT_MAX_IMAGE_BYTES, description="Encoded size of one image.")
+    max_pixels: PositiveInt = Field(default=C.DEFAULT_MAX_IMAGE_PIXELS, description="Width x height of one image.")
+    formats: list[str] = Field(default_factory=lambda: list(C.DEFAULT_IMAGE_FORMATS), description="Pillow formats.")
+    remote: RemoteImages = RemoteImages()
 
 
 class RouterConfig(StrictModel):
     max_messages: PositiveInt = Field(default=C.DEFAULT_MAX_MESSAGES, description="Messages per request.")
+    images: ImageLimits = ImageLimits()
     deployment: DeploymentOptions = DeploymentOptions()
 
 
@@ -180,6 +244,14 @@ class AppConfig(StrictModel):
 
     models: list[ModelConfig] = Field(min_length=1)
     router: RouterConfig = RouterConfig()
+    cache_dir: Path = Field(
+        default=Path(".cache"), description="Engine caches, compiled kernels and sockets; relative to the working dir."
+    )
+
+    @field_validator("cache_dir")
+    @classmethod
+    def _absolute_cache_dir(cls, value: Path) -> Path:
+        return value.expanduser().resolve()
 
     @field_validator("models")
     @classmethod

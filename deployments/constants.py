@@ -15,7 +15,8 @@ MAX_CHUNK_TIMEOUT_S = 300.0
 MAX_REQUEST_TIMEOUT_S = 3600.0
 
 # Serve options (see replica.model_deployment_options and router.router_deployment_options).
-DEFAULT_MODEL_MAX_ONGOING_REQUESTS = 4
+# llama.cpp runs one generation per replica; vLLM batches many (continuous batching).
+DEFAULT_MODEL_MAX_ONGOING_REQUESTS = {"gguf": 4, "vision": 32}
 DEFAULT_MODEL_MAX_QUEUED_REQUESTS = 64
 DEFAULT_ROUTER_MAX_ONGOING_REQUESTS = 256
 
@@ -25,3 +26,13 @@ MODEL_INFO_TIMEOUT_S = 5.0
 # Request limits.
 DEFAULT_MAX_MESSAGES = 256
 DEFAULT_MAX_STOP_SEQUENCES = 4
+
+# Vision.
+DEFAULT_KV_CACHE_BYTES = 256 * 2**20
+DEFAULT_MAX_IMAGES = 4
+DEFAULT_MAX_IMAGE_BYTES = 10 * 2**20
+DEFAULT_MAX_IMAGE_PIXELS = 4096 * 4096
+DEFAULT_IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP")
+DEFAULT_IMAGE_FETCH_TIMEOUT_S = 5.0
+# PagedAttention block sizes: vLLM's CPU attention needs multiples of 32 (16 fails).
+BLOCK_SIZE_MULTIPLE = {"cpu": 32, "cuda": 16}

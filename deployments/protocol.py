@@ -51,6 +51,13 @@ class ChatMessage(_Strict):
             return self.content
         return "".join(p.text for p in self.content if isinstance(p, TextPart))
 
+    def engine_message(self) -> dict[str, Any]:
+        """The message an engine's chat template takes: string content unless it has images."""
+        if not self.images:
+            return {"role": self.role, "content": self.text()}
+        parts = [{"type": "text", "text": p.text} if isinstance(p, TextPart) else {"type": "image"} for p in self.content]
+        return {"role": self.role, "content": parts}
+
 
 class StreamOptions(_Strict):
     include_usage: bool = False

@@ -68,3 +68,36 @@ def resolve_gguf_quantization(path: str | Path, file_type: int | None) -> GGUFQu
     from_name = quantization_from_filename(path)
     from_meta = quantization_from_file_type(file_type) if file_type is not None else None
     return GGUFQuantization(name=from_meta or from_name, from_filename=from_name, from_metadata=from_meta)
+
+
+# -- in-situ quantization (ISQ) of unquantized checkpoints, for vLLM ----------------------
+
+#: What vLLM can really quantize online, per platform, by the names users may write:
+#: mistral.rs-style ISQ names and vLLM's own method names. On CPU only ``fp8_per_channel``
+#: quantizes dense layers; ``int8_per_channel_weight_only`` and ``nvfp4_per_token`` load but
+#: touch only MoE experts, so they are not offered (they would quantize nothing here).
+ISQ_METHODS: dict[str, dict[str, str]] = {
+    "cpu": {"FP8": "fp8_per_channel", "fp8_per_channel": "fp8_per_channel"},
+    "cuda": {
+        "FP8": "fp8",
+        "fp8": "fp8",
+        "fp8_per_tensor": "fp8_per_tensor",
+        "fp8_per_channel": "fp8_per_channel",
+        "fp8_per_block": "fp8_per_block",
+        "mxfp8": "mxfp8",
+    },
+}
+
+
+def resolve_isq(isq: str, platform: str) -> str:
+    """The vLLM online quantization method for an ISQ name on ``platform`` (``cpu``/``cuda``).
+
+    Raises:
+        ValueError: naming what this platform supports.
+    """
+    methods = ISQ_METHODS[platform]
+    by_name = {name.lower(): method for name, method in methods.items()}
+    method = by_name.get(isq.lower())
+    if method is None:
+        raise ValueError(f"isq {isq!r} is not supported on {platform}; supported: {', '.join(methods)}")
+    return method

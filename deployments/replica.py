@@ -13,13 +13,14 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator, Callable
 from contextlib import aclosing
+from pathlib import Path
 from typing import Any
 
 from pydantic import TypeAdapter
 
 from deployments import constants as C
 from deployments.config import ModelConfig
-from deployments.engines import engine_for
+from deployments.engines import engine_env, engine_for
 from deployments.engines.base import Delta, Engine, GenerationRequest, ModelInfo, ModelStatus
 from deployments.errors import ModelNotLoaded, ServeError
 
@@ -28,19 +29,27 @@ logger = logging.getLogger("ray.serve")
 _MODEL_CONFIG = TypeAdapter(ModelConfig)
 
 
-def model_deployment_options(model: ModelConfig) -> dict[str, Any]:
+def model_deployment_options(model: ModelConfig, cache_dir: Path) -> dict[str, Any]:
     """Serve options of a model's deployment: its config over the model defaults.
 
-    A replica runs one generation at a time; the few extra ongoing slots let control calls
-    (info, reconfigure) and the next request reach it while it generates, and Serve's
-    caller-side queue, bounded by ``max_queued_requests``, holds the rest.
+    A llama.cpp replica runs one generation at a time: its few extra ongoing slots let
+    control calls (info, reconfigure) and the next request reach it while it generates. A
+    vLLM replica batches many. Serve's caller-side queue, bounded by
+    ``max_queued_requests``, holds the rest.
     """
     defaults = {
-        "max_ongoing_requests": C.DEFAULT_MODEL_MAX_ONGOING_REQUESTS,
+        "max_ongoing_requests": C.DEFAULT_MODEL_MAX_ONGOING_REQUESTS[model.kind],
         "max_queued_requests": C.DEFAULT_MODEL_MAX_QUEUED_REQUESTS,
         "ray_actor_options": {"num_cpus": 1},
     }
-    return {"user_config": {"loaded": model.loaded}} | model.deployment.serve_options(defaults)
+    options = {"user_config": {"loaded": model.loaded}} | model.deployment.serve_options(defaults)
+    env = engine_env(model, cache_dir)
+    if env:  # the config's own env_vars win
+        actor = dict(options["ray_actor_options"])
+        runtime_env = dict(actor.get("runtime_env") or {})
+        runtime_env["env_vars"] = env | dict(runtime_env.get("env_vars") or {})
+        options["ray_actor_options"] = actor | {"runtime_env": runtime_env}
+    return options
 
 
 class ModelReplica:
@@ -76,6 +85,10 @@ class ModelReplica:
 
     async def info(self) -> ModelInfo:
         return self._engine.info(self._status, self._error)
+
+    async def layer_types(self) -> dict[str, int]:
+        """How the weights are stored or quantized on this replica (engine-specific names)."""
+        return await self._engine.layer_types()
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[Delta]:
         if self._status is not ModelStatus.LOADED:

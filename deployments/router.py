@@ -87,7 +87,7 @@ class Router:
     async def chat_completions(self, request: Request) -> Any:
         body = parse_request(await request.body())
         request_id = new_request_id()
-        prepared = self._service.prepare(body, request_id)
+        prepared = await self._service.prepare(body, request_id)
         if not body.stream:
             return JSONResponse(await self._service.complete(prepared, request_id))
         chunks = self._service.stream(prepared, request_id)
@@ -98,19 +98,39 @@ class Router:
             raise
         return StreamingResponse(_sse(first, chunks), media_type="text/event-stream")
 
-    # -- Python API (deployment handles), mirroring nika's infer / infer_stream ---------
+    # -- Python API (deployment handles), mirroring nika's infer* methods -------------
 
     async def infer(self, request: dict[str, Any] | ChatCompletionRequest) -> dict[str, Any]:
         """One ``chat.completion`` dict; raises a ``ServeError`` subclass on failure."""
-        body = parse_request(request)
-        request_id = new_request_id()
-        return await self._service.complete(self._service.prepare(body, request_id), request_id)
+        return await self._complete(request, require_images=False)
 
     async def infer_stream(self, request: dict[str, Any] | ChatCompletionRequest) -> AsyncIterator[dict[str, Any]]:
         """``chat.completion.chunk`` dicts; call with ``handle.options(stream=True)``."""
-        body = parse_request(request)
+        async for chunk in self._stream(request, require_images=False):
+            yield chunk
+
+    async def infer_vision(self, request: dict[str, Any] | ChatCompletionRequest) -> dict[str, Any]:
+        """As ``infer``, for a request that must carry at least one image."""
+        return await self._complete(request, require_images=True)
+
+    async def infer_vision_stream(
+        self, request: dict[str, Any] | ChatCompletionRequest
+    ) -> AsyncIterator[dict[str, Any]]:
+        """As ``infer_stream``, for a request that must carry at least one image."""
+        async for chunk in self._stream(request, require_images=True):
+            yield chunk
+
+    async def _complete(self, request: dict[str, Any] | ChatCompletionRequest, require_images: bool) -> dict[str, Any]:
         request_id = new_request_id()
-        async with aclosing(self._service.stream(self._service.prepare(body, request_id), request_id)) as chunks:
+        prepared = await self._service.prepare(parse_request(request), request_id, require_images=require_images)
+        return await self._service.complete(prepared, request_id)
+
+    async def _stream(
+        self, request: dict[str, Any] | ChatCompletionRequest, require_images: bool
+    ) -> AsyncIterator[dict[str, Any]]:
+        request_id = new_request_id()
+        prepared = await self._service.prepare(parse_request(request), request_id, require_images=require_images)
+        async with aclosing(self._service.stream(prepared, request_id)) as chunks:
             async for chunk in chunks:
                 yield chunk
 

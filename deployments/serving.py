@@ -23,6 +23,7 @@ from deployments.config import AppConfig, Deadlines, ModelConfig
 from deployments.constants import MODEL_INFO_TIMEOUT_S
 from deployments.engines.base import Delta, GenerationRequest, ModelInfo, ModelStatus, SamplingParams
 from deployments.errors import InferenceFailed, InvalidRequest, ModelNotFound, ServeError, as_serve_error
+from deployments.images import load_image
 from deployments.protocol import ChatCompletionRequest, ChunkFactory, completion_body, model_card
 from deployments.streaming import with_deadlines
 
@@ -88,19 +89,21 @@ class ChatService:
 
     # -- validation --------------------------------------------------------------------
 
-    def prepare(self, body: ChatCompletionRequest, request_id: str) -> PreparedChat:
+    async def prepare(self, body: ChatCompletionRequest, request_id: str, *, require_images: bool = False) -> PreparedChat:
         model = self._models.get(body.model)
         if model is None:
             raise ModelNotFound(
                 f"model {body.model!r} not found; available models: {', '.join(sorted(self._models))}"
             )
-        if body.has_images and not model.supports_vision:
+        if (body.has_images or require_images) and not model.supports_vision:
             vision = sorted(m.name for m in self._config.models if m.supports_vision)
             raise InvalidRequest(
                 f"model {model.name} does not accept images; "
                 + (f"models that do: {', '.join(vision)}" if vision else "no configured model accepts images"),
                 code="images_not_supported",
             )
+        if require_images and not body.has_images:
+            raise InvalidRequest("this call needs at least one image (an image_url content part)")
         if len(body.messages) > self._config.router.max_messages:
             raise InvalidRequest(f"too many messages: {len(body.messages)} > {self._config.router.max_messages}")
         max_tokens = body.max_completion_tokens or body.max_tokens or model.sampling.max_tokens
@@ -117,12 +120,29 @@ class ChatService:
             seed=body.seed,
             ignore_eos=body.ignore_eos,
         )
-        messages = tuple({"role": m.role, "content": m.text()} for m in body.messages)
         return PreparedChat(
             model=model,
-            request=GenerationRequest(request_id=request_id, messages=messages, sampling=sampling),
+            request=GenerationRequest(
+                request_id=request_id,
+                messages=tuple(m.engine_message() for m in body.messages),
+                images=await self._images(body, model),
+                sampling=sampling,
+            ),
             deadlines=self._deadlines(body, model),
             include_usage=bool(body.stream_options and body.stream_options.include_usage),
+        )
+
+    async def _images(self, body: ChatCompletionRequest, model: ModelConfig) -> tuple[bytes, ...]:
+        """Every image of the request, verified, in message order (1-based index in errors)."""
+        parts = [part for message in body.messages for part in message.images]
+        if not parts:
+            return ()
+        limits = self._config.router.images
+        limit = min(limits.max_images, model.max_images)
+        if len(parts) > limit:
+            raise InvalidRequest(f"{len(parts)} images exceed the limit of {limit} per request for model {model.name}")
+        return tuple(
+            await asyncio.gather(*(load_image(p.image_url.url, i, limits) for i, p in enumerate(parts, start=1)))
         )
 
     @staticmethod

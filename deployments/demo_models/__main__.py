@@ -7,7 +7,7 @@ import logging
 import time
 from pathlib import Path
 
-from deployments.demo_models import gguf_llama
+from deployments.demo_models import gguf_llama, idefics3
 
 
 def main() -> None:
@@ -21,6 +21,10 @@ def main() -> None:
         paths = gguf_llama.generate(spec, args.dir, force=args.force)
         sizes = ", ".join(f"{p.name} ({p.stat().st_size / 2**20:.1f} MiB)" for p in paths)
         logging.info("%s ready in %.1fs: %s", spec.name, time.perf_counter() - started, sizes)
+    started = time.perf_counter()
+    folder = idefics3.generate(args.dir, force=args.force)
+    size = sum(f.stat().st_size for f in folder.iterdir())
+    logging.info("%s ready in %.1fs: %s (%.1f MiB)", idefics3.NAME, time.perf_counter() - started, folder, size / 2**20)
 
 
 if __name__ == "__main__":

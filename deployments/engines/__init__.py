@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from deployments.config import ModelConfig
 from deployments.engines.base import Engine
 
@@ -12,4 +14,17 @@ def engine_for(config: ModelConfig) -> Engine:
         from deployments.engines.gguf import LlamaCppEngine
 
         return LlamaCppEngine(config)
+    if config.kind == "vision":
+        from deployments.engines.vision import VLLMEngine
+
+        return VLLMEngine(config)
     raise ValueError(f"no engine for model kind {config.kind!r}")
+
+
+def engine_env(config: ModelConfig, cache_dir: Path) -> dict[str, str]:
+    """Environment variables a replica of this model needs before its engine is imported."""
+    if config.kind == "vision":
+        from deployments.engines.vision import replica_env
+
+        return replica_env(config, cache_dir)
+    return {}

@@ -44,7 +44,10 @@ class GenerationRequest(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     request_id: str
-    messages: tuple[dict[str, Any], ...] = Field(description="Chat messages with text content.")
+    messages: tuple[dict[str, Any], ...] = Field(
+        description="Chat messages: string content, or parts {type: text, text} / {type: image} in order."
+    )
+    images: tuple[bytes, ...] = Field(default=(), description="Verified image bytes, one per image part, in order.")
     sampling: SamplingParams
 
 
@@ -108,6 +111,10 @@ class Engine(abc.ABC):
     @abc.abstractmethod
     def info(self, status: ModelStatus, error: str | None = None) -> ModelInfo:
         """Describe the model; must work whether or not it is loaded."""
+
+    @abc.abstractmethod
+    async def layer_types(self) -> dict[str, int]:
+        """How the loaded weights are stored: type or method name -> count of tensors/layers."""
 
     @abc.abstractmethod
     def generate(self, request: GenerationRequest) -> AsyncIterator[Delta]:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import threading
+from collections import Counter
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -35,6 +36,7 @@ class GGUFFacts:
     size_bytes: int
     quantization: str | None
     trained_context_length: int | None
+    tensor_types: dict[str, int]
 
 
 def read_gguf_facts(path: Path) -> GGUFFacts:
@@ -47,7 +49,8 @@ def read_gguf_facts(path: Path) -> GGUFFacts:
     arch = scalar(gguf.Keys.General.ARCHITECTURE)
     context = scalar(gguf.Keys.LLM.CONTEXT_LENGTH.format(arch=arch)) if arch else None
     quantization = resolve_gguf_quantization(path, scalar(gguf.Keys.General.FILE_TYPE))
-    return GGUFFacts(path.stat().st_size, quantization.name, context)
+    types = Counter(tensor.tensor_type.name for tensor in reader.tensors)
+    return GGUFFacts(path.stat().st_size, quantization.name, context, dict(types))
 
 
 def _assigned_cpus() -> int:
@@ -149,6 +152,10 @@ class LlamaCppEngine(Engine):
             active_generations=self._active,
             error=error,
         )
+
+    async def layer_types(self) -> dict[str, int]:
+        """GGUF tensor types (``Q4_K``, ``Q6_K``, ``F32``, ...) as the file stores them."""
+        return self._facts.tensor_types
 
     # -- generation --------------------------------------------------------------------
 

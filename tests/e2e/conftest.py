@@ -34,9 +34,9 @@ def e2e_config(models_dir: Path, tiny: dict[str, Any] | None = None, medium: dic
         {
             "router": {"deployment": {"num_replicas": 1, "ray_actor_options": {"num_cpus": 0.5}}},
             "models": [
-                {"name": "tiny", "path": str(models_dir / "tiny-llama-Q4_K_M.gguf"), "deployment": one_cpu}
+                {"name": "tiny", "kind": "gguf", "path": str(models_dir / "tiny-llama-Q4_K_M.gguf"), "deployment": one_cpu}
                 | (tiny or {}),
-                {"name": "medium", "path": str(models_dir / "medium-llama-Q4_K_M.gguf"), "deployment": one_cpu}
+                {"name": "medium", "kind": "gguf", "path": str(models_dir / "medium-llama-Q4_K_M.gguf"), "deployment": one_cpu}
                 | (medium or {}),
             ],
         }

@@ -30,23 +30,23 @@ def test_the_shipped_serve_config_validates(models_dir: Path) -> None:
 
 def test_missing_model_file(models_dir: Path) -> None:
     text = error_text({"models": [model(models_dir, path="models/nope-Q4_0.gguf")]})
-    assert "models.0.path" in text and "GGUF file not found" in text and "make models" in text
+    assert "models.0.gguf.path" in text and "GGUF file not found" in text and "make models" in text
 
 
 @pytest.mark.parametrize(
     ("overrides", "field"),
     [
-        ({"contxt_size": 10}, "models.0.contxt_size"),
-        ({"context_size": 0}, "models.0.context_size"),
-        ({"gpu_layers": -2}, "models.0.gpu_layers"),
-        ({"kind": "onnx"}, "models.0.kind"),
-        ({"sampling": {"temperature": 3}}, "models.0.sampling.temperature"),
-        ({"deadlines": {"default": {"chunk_timeout_s": -1}}}, "models.0.deadlines.default.chunk_timeout_s"),
+        ({"contxt_size": 10}, "models.0.gguf.contxt_size"),
+        ({"context_size": 0}, "models.0.gguf.context_size"),
+        ({"gpu_layers": -2}, "models.0.gguf.gpu_layers"),
+        ({"kind": "onnx"}, "expected tags: 'gguf', 'vision'"),
+        ({"sampling": {"temperature": 3}}, "models.0.gguf.sampling.temperature"),
+        ({"deadlines": {"default": {"chunk_timeout_s": -1}}}, "models.0.gguf.deadlines.default.chunk_timeout_s"),
         ({"deadlines": {"default": {"chunk_timeout_s": 900}}}, "exceeds maximum.chunk_timeout_s"),
         ({"deployment": {"ray_actor_options": {"num_cpu": 1}}}, "unknown ray_actor_options ['num_cpu']"),
         ({"deployment": {"num_replicas": 2, "autoscaling_config": {"max_replicas": 2}}}, "not both"),
         ({"deployment": {"autoscaling_config": {"min_replicas": 3, "max_replicas": 1}}}, "autoscaling_config"),
-        ({"name": "bad name with spaces"}, "models.0.name"),
+        ({"name": "bad name with spaces"}, "models.0.gguf.name"),
     ],
 )
 def test_bad_values_name_their_field(models_dir: Path, overrides: dict[str, Any], field: str) -> None:
@@ -68,7 +68,7 @@ def test_the_config_cli_exits_non_zero_naming_the_field(models_dir: Path, tmp_pa
     bad.write_text(yaml.safe_dump(config))
     result = subprocess.run([sys.executable, "-m", "deployments.config", str(bad)], capture_output=True, text=True, cwd=ROOT)
     assert result.returncode == 1
-    assert "models.0.context_size" in result.stderr
+    assert "models.0.gguf.context_size" in result.stderr
 
 
 def test_deployment_options_pass_through_to_serve(models_dir: Path) -> None:

@@ -1,0 +1,198 @@
+"""vLLM engine: a local HF-format vision-language model on ``AsyncLLM`` (v1, PagedAttention).
+
+The engine streams token deltas (``RequestOutputKind.DELTA``). Closing its ``generate``
+stream, which a cancelled replica task does through ``aclosing``, aborts the request in
+vLLM: the scheduler drops it and frees its KV blocks at once. In-situ quantization of an
+unquantized checkpoint is vLLM's online quantization, chosen per platform in
+``quantization.resolve_isq``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import json
+import os
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+from deployments.config import VisionModelConfig
+from deployments.engines.base import Delta, Engine, GenerationRequest, ModelInfo, ModelStatus, Usage
+from deployments.errors import InferenceFailed, InvalidRequest, ModelNotLoaded
+from deployments.images import open_rgb
+from deployments.quantization import resolve_isq
+
+
+def replica_env(config: VisionModelConfig, cache_dir: Path) -> dict[str, str]:
+    """Environment of a vLLM replica, set before vLLM is imported (Ray ``runtime_env``).
+
+    vLLM's caches, compiled kernels and IPC sockets go to the project's cache folder, never
+    to shared system paths; nothing is fetched from a hub. On CPU, vLLM must not pin its
+    threads to cores that llama.cpp replicas share, and uses as many threads as the replica
+    has CPUs.
+    """
+    env = {
+        "HF_HUB_OFFLINE": "1",
+        "TMPDIR": str(cache_dir / "tmp"),
+        "VLLM_RPC_BASE_PATH": str(cache_dir / "tmp"),
+        "VLLM_CACHE_ROOT": str(cache_dir / "vllm"),
+        "TORCHINDUCTOR_CACHE_DIR": str(cache_dir / "torchinductor"),
+    }
+    if config.platform == "cpu":
+        cpus = (config.deployment.ray_actor_options or {}).get("num_cpus", 1)
+        env |= {"VLLM_CPU_OMP_THREADS_BIND": "nobind", "OMP_NUM_THREADS": str(max(1, int(cpus)))}
+    return env
+
+
+def checkpoint_size_bytes(config: VisionModelConfig) -> int:
+    return sum(f.stat().st_size for f in config.path.iterdir() if f.is_file())
+
+
+def checkpoint_quantization(config: VisionModelConfig) -> str | None:
+    """The quantization a checkpoint ships with (``quantization_config.quant_method``), if any."""
+    quantization = json.loads((config.path / "config.json").read_text()).get("quantization_config") or {}
+    return quantization.get("quant_method")
+
+
+def _count_layer_methods(worker: Any) -> dict[str, int]:
+    """Runs in vLLM's worker process (``collective_rpc``), where the model lives."""
+    counts: dict[str, int] = {}
+    for module in worker.model_runner.get_model().modules():
+        method = getattr(module, "quant_method", None)
+        if method is not None:
+            counts[type(method).__name__] = counts.get(type(method).__name__, 0) + 1
+    return counts
+
+
+class VLLMEngine(Engine):
+    kind = "vision"
+
+    def __init__(self, config: VisionModelConfig) -> None:
+        for var in ("TMPDIR", "VLLM_CACHE_ROOT", "TORCHINDUCTOR_CACHE_DIR"):
+            if var in os.environ:
+                Path(os.environ[var]).mkdir(parents=True, exist_ok=True)
+        self._config = config
+        self._isq = resolve_isq(config.isq, config.platform) if config.isq else None
+        self._size_bytes = checkpoint_size_bytes(config)
+        self._engine: Any = None
+        self._tokenizer: Any = None
+
+    def engine_args(self) -> Any:
+        from vllm import AsyncEngineArgs
+
+        cfg = self._config
+        dtype = "bfloat16" if self._isq and cfg.dtype == "auto" else cfg.dtype  # online quantization needs 16-bit
+        args: dict[str, Any] = {
+            "model": str(cfg.path),
+            "max_model_len": cfg.context_size,
+            "block_size": cfg.block_size,
+            "dtype": dtype,
+            "quantization": self._isq,
+            "limit_mm_per_prompt": {"image": cfg.max_images},
+            "seed": 0,
+        }
+        if cfg.platform == "cpu":
+            # CPU: no CUDA graphs, and an explicit KV-cache size (vLLM otherwise sizes it from
+            # the NUMA node's free memory and refuses to start on small nodes).
+            args |= {"enforce_eager": True, "kv_cache_memory_bytes": cfg.kv_cache_bytes}
+        return AsyncEngineArgs(**args)
+
+    # -- lifecycle ---------------------------------------------------------------------
+
+    async def load(self) -> None:
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        try:
+            self._engine = AsyncLLM.from_engine_args(self.engine_args())
+            self._tokenizer = self._engine.get_tokenizer()
+        except Exception as exc:
+            raise InferenceFailed(
+                f"failed to load {self._config.path.name}: {type(exc).__name__}: {exc}", code="model_load_failed"
+            ) from exc
+
+    async def unload(self) -> None:
+        engine, self._engine, self._tokenizer = self._engine, None, None
+        if engine is not None:
+            engine.shutdown()  # aborts in-flight requests and stops the engine-core process
+            gc.collect()
+
+    def info(self, status: ModelStatus, error: str | None = None) -> ModelInfo:
+        return ModelInfo(
+            id=self._config.name,
+            kind=self.kind,
+            name=self._config.path.name,
+            size_bytes=self._size_bytes,
+            quantization=self._isq or checkpoint_quantization(self._config),
+            context_length=self._config.context_size,
+            supports_vision=True,
+            status=status,
+            active_generations=self.running_requests(),
+            error=error,
+        )
+
+    def running_requests(self) -> int:
+        """Requests vLLM itself still holds (not the replica's view)."""
+        return 0 if self._engine is None else self._engine.output_processor.get_num_unfinished_requests()
+
+    async def layer_types(self) -> dict[str, int]:
+        """vLLM's layer methods in the loaded model (``Fp8...LinearMethod`` when ISQ applied)."""
+        if self._engine is None:
+            raise ModelNotLoaded(f"model {self._config.name} is not loaded")
+        (counts,) = await self._engine.collective_rpc(_count_layer_methods)
+        return counts
+
+    # -- generation --------------------------------------------------------------------
+
+    def _prompt(self, request: GenerationRequest) -> dict[str, Any]:
+        try:
+            text = self._tokenizer.apply_chat_template(list(request.messages), add_generation_prompt=True, tokenize=False)
+        except Exception as exc:
+            raise InvalidRequest(f"the messages do not fit the model's chat template: {exc}") from None
+        prompt: dict[str, Any] = {"prompt": text}
+        if request.images:
+            prompt["multi_modal_data"] = {"image": [open_rgb(data) for data in request.images]}
+        return prompt
+
+    def _sampling(self, request: GenerationRequest) -> Any:
+        from vllm import SamplingParams
+        from vllm.sampling_params import RequestOutputKind
+
+        s = request.sampling
+        return SamplingParams(
+            temperature=s.temperature,
+            top_p=s.top_p,
+            top_k=s.top_k if s.top_k > 0 else -1,
+            max_tokens=s.max_tokens,
+            stop=list(s.stop) or None,
+            seed=s.seed,
+            ignore_eos=s.ignore_eos,
+            output_kind=RequestOutputKind.DELTA,
+        )
+
+    async def generate(self, request: GenerationRequest) -> AsyncIterator[Delta]:
+        if self._engine is None:
+            raise ModelNotLoaded(f"model {self._config.name} is not loaded")
+        from vllm.v1.engine.exceptions import EngineGenerateError
+
+        prompt, sampling = self._prompt(request), self._sampling(request)
+        request_id = f"{request.request_id}-{uuid.uuid4().hex[:8]}"  # unique even if a caller retries an id
+        prompt_tokens = completion_tokens = 0
+        try:
+            async for output in self._engine.generate(prompt, sampling, request_id=request_id):
+                prompt_tokens = len(output.prompt_token_ids or ()) or prompt_tokens
+                completion = output.outputs[0]
+                completion_tokens += len(completion.token_ids)
+                if completion.text:
+                    yield Delta(completion.text)
+                if output.finished:
+                    usage = Usage(prompt_tokens, completion_tokens)
+                    yield Delta("", finish_reason=completion.finish_reason or "stop", usage=usage)
+        except (ValueError, TypeError) as exc:  # vLLM's input validation (e.g. prompt too long)
+            raise InvalidRequest(f"model {self._config.name} rejected the request: {exc}") from None
+        except EngineGenerateError as exc:
+            cause = exc.__cause__ or exc
+            raise InferenceFailed(f"vLLM failed: {type(cause).__name__}: {cause}") from None
+        except asyncio.CancelledError:
+            raise
