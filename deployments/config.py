@@ -245,7 +245,9 @@ class AppConfig(StrictModel):
     models: list[ModelConfig] = Field(min_length=1)
     router: RouterConfig = RouterConfig()
     cache_dir: Path = Field(
-        default=Path(".cache"), description="Engine caches, compiled kernels and sockets; relative to the working dir."
+        default=Path(".cache"),
+        validate_default=True,
+        description="Engine caches, compiled kernels and sockets; relative to the working dir."
     )
 
     @field_validator("cache_dir")

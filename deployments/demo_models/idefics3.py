@@ -78,7 +78,7 @@ def _tokenizer(rng: np.random.Generator):  # -> PreTrainedTokenizerFast
         pad_token="<pad>",
         additional_special_tokens=SPECIAL_TOKENS[4:],
         chat_template=CHAT_TEMPLATE,
-        model_max_length=4096,
+        model_max_length=32768,
     )
     tokenizer.add_special_tokens({"additional_special_tokens": SPECIAL_TOKENS[4:]})
     return tokenizer
@@ -117,7 +117,7 @@ def generate(directory: Path, *, force: bool = False) -> Path:
             "num_attention_heads": 2,
             "num_key_value_heads": 2,
             "head_dim": 64,  # a head size vLLM's CPU attention supports
-            "max_position_embeddings": 4096,
+            "max_position_embeddings": 32768,  # long enough for generations that take seconds
             "bos_token_id": tokenizer.bos_token_id,
             "eos_token_id": tokenizer.eos_token_id,
             "pad_token_id": tokenizer.pad_token_id,

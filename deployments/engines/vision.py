@@ -50,20 +50,40 @@ def checkpoint_size_bytes(config: VisionModelConfig) -> int:
     return sum(f.stat().st_size for f in config.path.iterdir() if f.is_file())
 
 
+def _checkpoint_config(config: VisionModelConfig) -> dict[str, Any]:
+    return json.loads((config.path / "config.json").read_text())
+
+
 def checkpoint_quantization(config: VisionModelConfig) -> str | None:
     """The quantization a checkpoint ships with (``quantization_config.quant_method``), if any."""
-    quantization = json.loads((config.path / "config.json").read_text()).get("quantization_config") or {}
-    return quantization.get("quant_method")
+    return (_checkpoint_config(config).get("quantization_config") or {}).get("quant_method")
 
 
-def _count_layer_methods(worker: Any) -> dict[str, int]:
-    """Runs in vLLM's worker process (``collective_rpc``), where the model lives."""
-    counts: dict[str, int] = {}
-    for module in worker.model_runner.get_model().modules():
-        method = getattr(module, "quant_method", None)
-        if method is not None:
-            counts[type(method).__name__] = counts.get(type(method).__name__, 0) + 1
-    return counts
+def resolve_dtype(config: VisionModelConfig, isq: str | None) -> str:
+    """``auto`` is the checkpoint's own dtype, or bfloat16 under ISQ (online quantization needs
+    16-bit). Spelled out because vLLM's own ``auto`` runs float32 checkpoints in bfloat16 on CPU.
+    """
+    if config.dtype != "auto":
+        return config.dtype
+    if isq:
+        return "bfloat16"
+    checkpoint = _checkpoint_config(config)
+    return checkpoint.get("dtype") or checkpoint.get("torch_dtype") or "auto"
+
+
+class WorkerInspection:
+    """Mixed into vLLM's worker (``worker_extension_cls``), where the model lives, so the
+    replica can ask about it by name over ``collective_rpc`` (no pickled code crosses)."""
+
+    model_runner: Any
+
+    def count_layer_methods(self) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        for module in self.model_runner.get_model().modules():
+            method = getattr(module, "quant_method", None)
+            if method is not None:
+                counts[type(method).__name__] = counts.get(type(method).__name__, 0) + 1
+        return counts
 
 
 class VLLMEngine(Engine):
@@ -83,15 +103,15 @@ class VLLMEngine(Engine):
         from vllm import AsyncEngineArgs
 
         cfg = self._config
-        dtype = "bfloat16" if self._isq and cfg.dtype == "auto" else cfg.dtype  # online quantization needs 16-bit
         args: dict[str, Any] = {
             "model": str(cfg.path),
             "max_model_len": cfg.context_size,
             "block_size": cfg.block_size,
-            "dtype": dtype,
+            "dtype": resolve_dtype(cfg, self._isq),
             "quantization": self._isq,
             "limit_mm_per_prompt": {"image": cfg.max_images},
             "seed": 0,
+            "worker_extension_cls": f"{WorkerInspection.__module__}.{WorkerInspection.__qualname__}",
         }
         if cfg.platform == "cpu":
             # CPU: no CUDA graphs, and an explicit KV-cache size (vLLM otherwise sizes it from
@@ -140,7 +160,7 @@ class VLLMEngine(Engine):
         """vLLM's layer methods in the loaded model (``Fp8...LinearMethod`` when ISQ applied)."""
         if self._engine is None:
             raise ModelNotLoaded(f"model {self._config.name} is not loaded")
-        (counts,) = await self._engine.collective_rpc(_count_layer_methods)
+        (counts,) = await self._engine.collective_rpc("count_layer_methods")
         return counts
 
     # -- generation --------------------------------------------------------------------

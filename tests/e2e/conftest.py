@@ -5,7 +5,8 @@ from __future__ import annotations
 import socket
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -22,23 +23,37 @@ from deployments.app import DEFAULT_APP_NAME, IMPORT_PATH
 from deployments.config import AppConfig
 
 APP_NAME = DEFAULT_APP_NAME
+DEPLOY_TIMEOUT_S = 300  # two vLLM engines and two llama.cpp models on 2 cores
 
 
-def e2e_config(models_dir: Path, tiny: dict[str, Any] | None = None, medium: dict[str, Any] | None = None) -> AppConfig:
-    """Two models: ``tiny`` (milliseconds) and ``medium`` (~10 ms/token, for deadlines).
+def e2e_config(
+    models_dir: Path, tiny: dict[str, Any] | None = None, medium: dict[str, Any] | None = None, vision: bool = True
+) -> AppConfig:
+    """The test app: ``tiny`` (milliseconds per token), ``medium`` (~10 ms per token, for
+    deadlines and cancellation), and, unless ``vision=False``, the demo VLM as ``vision`` and
+    again with in-situ FP8 quantization as ``vision-fp8``.
 
     ``tiny`` and ``medium`` override top-level keys of that model's entry.
     """
     one_cpu = {"num_replicas": 1, "max_ongoing_requests": 4, "ray_actor_options": {"num_cpus": 1}}
+    gguf = [
+        {"name": "tiny", "kind": "gguf", "path": str(models_dir / "tiny-llama-Q4_K_M.gguf"), "deployment": one_cpu}
+        | (tiny or {}),
+        {"name": "medium", "kind": "gguf", "path": str(models_dir / "medium-llama-Q4_K_M.gguf"), "deployment": one_cpu}
+        | (medium or {}),
+    ]
+    vlm = {
+        "kind": "vision",
+        "path": str(models_dir / "tiny-idefics3"),
+        "context_size": 32768,  # ~30 s of generation for the cancellation and deadline tests
+        "kv_cache_bytes": 80 * 2**20,  # 2 KiB per token (fp32, 2 layers x 2 KV heads x 64)
+        "deployment": {"num_replicas": 1, "ray_actor_options": {"num_cpus": 1}},
+    }
+    vlms = [{"name": "vision"} | vlm, {"name": "vision-fp8", "isq": "FP8"} | vlm] if vision else []
     return AppConfig.model_validate(
         {
             "router": {"deployment": {"num_replicas": 1, "ray_actor_options": {"num_cpus": 0.5}}},
-            "models": [
-                {"name": "tiny", "kind": "gguf", "path": str(models_dir / "tiny-llama-Q4_K_M.gguf"), "deployment": one_cpu}
-                | (tiny or {}),
-                {"name": "medium", "kind": "gguf", "path": str(models_dir / "medium-llama-Q4_K_M.gguf"), "deployment": one_cpu}
-                | (medium or {}),
-            ],
+            "models": gguf + vlms,
         }
     )
 
@@ -55,29 +70,65 @@ def poll(predicate: Callable[[], Any], timeout_s: float, what: str) -> float:
 
 @dataclass
 class ServeApp:
+    """The session's Serve instance: the main app at ``/``, and side apps tests add for a while."""
+
     base_url: str
     models_dir: Path
     http: httpx.Client
     http_options: dict[str, Any]
+    apps: dict[str, AppConfig] = field(default_factory=dict)
 
     @property
     def openai(self) -> openai.OpenAI:
         return openai.OpenAI(base_url=f"{self.base_url}/v1", api_key="unused", max_retries=0, timeout=60)
 
-    def model_card(self, model: str) -> dict[str, Any]:
-        cards = self.http.get("/v1/models").json()["data"]
+    def model_card(self, model: str, app: str = APP_NAME) -> dict[str, Any]:
+        prefix = "" if app == APP_NAME else f"/{app}"
+        cards = self.http.get(f"{prefix}/v1/models").json()["data"]
         return next(card for card in cards if card["id"] == model)
 
-    def active_generations(self, model: str) -> int:
-        return self.model_card(model)["active_generations"]
+    def active_generations(self, model: str, app: str = APP_NAME) -> int:
+        return self.model_card(model, app)["active_generations"]
 
-    def deploy(self, config: AppConfig) -> None:
-        """Deploy from a config, as ``serve run serve_config.yaml`` does (declarative API)."""
-        app = ServeApplicationSchema(
-            name=APP_NAME, route_prefix="/", import_path=IMPORT_PATH, args=config.model_dump(mode="json")
+    def _deploy(self) -> None:
+        """Deploy every app from a config, as ``serve run``/``serve deploy`` do (declarative API).
+
+        A declarative deploy names the whole set of apps; an app whose config is unchanged
+        keeps its replicas.
+        """
+        apps = [
+            ServeApplicationSchema(
+                name=name,
+                route_prefix="/" if name == APP_NAME else f"/{name}",
+                import_path=IMPORT_PATH,
+                args=config.model_dump(mode="json"),
+            )
+            for name, config in self.apps.items()
+        ]
+        _get_global_client().deploy_apps(ServeDeploySchema(http_options=self.http_options, applications=apps))
+        poll(lambda: self._all_running(), DEPLOY_TIMEOUT_S, f"apps {sorted(self.apps)} to run")
+
+    def _all_running(self) -> bool:
+        """True once every app runs; fails at once on a failed deploy (with Serve's reason)."""
+        statuses = serve.status().applications
+        for name in self.apps:
+            status = statuses.get(name)
+            if status is not None and status.status == "DEPLOY_FAILED":
+                raise AssertionError(f"app {name} failed to deploy: {status.message}")
+        return all(name in statuses and statuses[name].status == "RUNNING" for name in self.apps) and not (
+            set(statuses) - set(self.apps)
         )
-        client = _get_global_client()
-        client.deploy_apps(ServeDeploySchema(http_options=self.http_options, applications=[app]), _blocking=True)
+
+    @contextmanager
+    def side_app(self, name: str, config: AppConfig) -> Iterator[str]:
+        """Serve ``config`` as app ``name`` at ``/<name>`` for the block; yields its base URL."""
+        self.apps[name] = config
+        self._deploy()
+        try:
+            yield f"{self.base_url}/{name}"
+        finally:
+            del self.apps[name]
+            self._deploy()
 
 
 def _free_port() -> int:
@@ -90,11 +141,12 @@ def _free_port() -> int:
 def app(models_dir: Path) -> Iterator[ServeApp]:
     http_options = {"host": "127.0.0.1", "port": _free_port()}
     base_url = f"http://127.0.0.1:{http_options['port']}"
-    ray.init(num_cpus=4, include_dashboard=False, logging_level="WARNING")
+    # Logical CPUs: the replicas' reservations add up to more than the 2 real cores.
+    ray.init(num_cpus=8, include_dashboard=False, logging_level="WARNING")
     serve.start(http_options=http_options)
     with httpx.Client(base_url=base_url, timeout=60) as http:
-        served = ServeApp(base_url, models_dir, http, http_options)
-        served.deploy(e2e_config(models_dir))
+        served = ServeApp(base_url, models_dir, http, http_options, {APP_NAME: e2e_config(models_dir)})
+        served._deploy()
         yield served
     serve.shutdown()
     ray.shutdown()

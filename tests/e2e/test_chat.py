@@ -81,7 +81,7 @@ def test_stop_sequence_ends_the_text_before_it(client: openai.OpenAI) -> None:
 
 def test_models_lists_model_info(app: ServeApp, client: openai.OpenAI) -> None:
     models = {m.id: m.model_dump() for m in client.models.list()}
-    assert set(models) == {"tiny", "medium"}
+    assert set(models) == {"tiny", "medium", "vision", "vision-fp8"}
     tiny = models["tiny"]
     assert tiny["object"] == "model"
     assert tiny["kind"] == "gguf"

@@ -5,10 +5,11 @@ from __future__ import annotations
 import json
 import time
 
+import httpx
 import openai
 import pytest
 
-from tests.e2e.conftest import ServeApp, chat, poll
+from tests.e2e.conftest import ServeApp, chat, e2e_config, poll
 
 pytestmark = pytest.mark.e2e
 
@@ -104,18 +105,13 @@ def test_a_stream_longer_than_its_chunk_deadline_in_total_passes_untouched(clien
 
 def test_deadline_defaults_come_from_the_model_config(app: ServeApp) -> None:
     """A model whose default chunk deadline is tiny times out without any per-request override."""
-    from tests.e2e.conftest import e2e_config
-
     strict = {"deadlines": {"default": {"first_chunk_timeout_s": 60, "chunk_timeout_s": 0.0001}}}
-    app.deploy(e2e_config(app.models_dir, tiny=strict))
-    try:
-        response = app.http.post("/v1/chat/completions", json=chat("tiny", max_tokens=200, ignore_eos=True))
+    with app.side_app("strict", e2e_config(app.models_dir, tiny=strict, vision=False)) as base_url:
+        response = httpx.post(f"{base_url}/v1/chat/completions", json=chat("tiny", max_tokens=200, ignore_eos=True))
         assert response.status_code == 504
         assert response.json()["error"]["code"] == "chunk_timeout"
         # The request can still ask for more, up to the configured maximum.
-        relaxed = app.http.post(
-            "/v1/chat/completions", json=chat("tiny", max_tokens=20, ignore_eos=True, chunk_timeout_s=10)
+        relaxed = httpx.post(
+            f"{base_url}/v1/chat/completions", json=chat("tiny", max_tokens=20, ignore_eos=True, chunk_timeout_s=10)
         )
         assert relaxed.status_code == 200, relaxed.text
-    finally:
-        app.deploy(e2e_config(app.models_dir))

@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 
+import httpx
 import openai
 import pytest
 import ray
@@ -17,9 +18,12 @@ from tests.e2e.conftest import APP_NAME, ServeApp, chat, e2e_config, poll
 pytestmark = pytest.mark.e2e
 
 
-def replica_pids(model: str) -> set[int]:
+SIDE = "lifecycle"
+
+
+def replica_pids(model: str, app: str = APP_NAME) -> set[int]:
     """PIDs of the model's replica actors (Serve names them ``SERVE_REPLICA::<app>#<deployment>#<id>``)."""
-    prefix = f"SERVE_REPLICA::{APP_NAME}#model-{model}#"
+    prefix = f"SERVE_REPLICA::{app}#model-{model}#"
     names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if a["name"].startswith(prefix)]
     return {ray.get(ray.get_actor(n, namespace="serve").__ray_call__.remote(lambda _: os.getpid())) for n in names}
 
@@ -49,17 +53,15 @@ def test_unload_then_load_again_in_place(app: ServeApp, client: openai.OpenAI) -
 
 def test_unload_applies_to_every_replica_and_the_cli_drives_it(app: ServeApp) -> None:
     two = {"num_replicas": 2, "max_ongoing_requests": 4, "ray_actor_options": {"num_cpus": 0.5}}
-    app.deploy(e2e_config(app.models_dir, tiny={'deployment': two}))
-    try:
-        poll(lambda: len(replica_pids("tiny")) == 2, 60, "two tiny replicas")
+    with app.side_app(SIDE, e2e_config(app.models_dir, tiny={"deployment": two}, vision=False)) as base_url:
+        poll(lambda: len(replica_pids("tiny", SIDE)) == 2, 60, "two tiny replicas")
         cli = [sys.executable, "-m", "deployments.lifecycle"]
-        done = subprocess.run([*cli, "unload", "tiny"], capture_output=True, text=True, timeout=120)
+        done = subprocess.run([*cli, "unload", "tiny", "--app", SIDE], capture_output=True, text=True, timeout=120)
         assert done.returncode == 0, done.stderr[-2000:]
-        infos = serve.get_deployment_handle("model-tiny", APP_NAME).broadcast("info").results(timeout_s=10)
+        infos = serve.get_deployment_handle("model-tiny", SIDE).broadcast("info").results(timeout_s=10)
         assert [i.status.value for i in infos] == ["unloaded", "unloaded"]
         for _ in range(4):  # whichever replica Serve picks, the answer is the same
-            assert app.http.post("/v1/chat/completions", json=chat("tiny")).status_code == 503
-        unknown = subprocess.run([*cli, "unload", "nope"], capture_output=True, text=True, timeout=120)
+            assert httpx.post(f"{base_url}/v1/chat/completions", json=chat("tiny")).status_code == 503
+        assert app.model_card("tiny")["status"] == "loaded"  # the main app's model is another deployment
+        unknown = subprocess.run([*cli, "unload", "nope", "--app", SIDE], capture_output=True, text=True, timeout=120)
         assert unknown.returncode != 0 and "model 'nope' not found" in unknown.stderr
-    finally:
-        app.deploy(e2e_config(app.models_dir))
