@@ -25,7 +25,7 @@ def error_text(args: dict[str, Any]) -> str:
 
 def test_the_shipped_serve_config_validates(models_dir: Path) -> None:
     apps = validate_serve_config(ROOT / "serve_config.yaml")
-    assert [m.kind for m in apps["nika"].models] == ["gguf"]
+    assert [m.kind for m in apps["nika"].models] == ["gguf", "vision"]
 
 
 def test_missing_model_file(models_dir: Path) -> None:
@@ -109,3 +109,42 @@ def test_partial_deployment_options_keep_each_deployments_own_defaults(models_di
     assert replica.max_ongoing_requests == 4
     assert replica._deployment_config.max_queued_requests == 64
     assert replica.ray_actor_options["num_cpus"] == 1
+
+
+def vision(models_dir: Path, **overrides: Any) -> dict[str, Any]:
+    return {"name": "v", "kind": "vision", "path": str(models_dir / "tiny-idefics3"), **overrides}
+
+
+def test_vision_checkpoint_must_exist(models_dir: Path, tmp_path: Path) -> None:
+    assert "no HF checkpoint (config.json)" in error_text({"models": [vision(models_dir, path=str(tmp_path))]})
+
+
+@pytest.mark.parametrize(
+    ("overrides", "fragment"),
+    [
+        ({"block_size": 16}, "block_size=16 must be a multiple of 32 on cpu"),
+        ({"isq": "Q4K"}, "isq 'Q4K' is not supported on cpu; supported: FP8, fp8_per_channel"),
+        ({"isq": "int8_per_channel_weight_only"}, "not supported on cpu"),
+        ({"isq": "FP8", "dtype": "float32"}, "isq needs dtype bfloat16 or float16"),
+    ],
+)
+def test_vision_platform_rules_fail_at_build_time(models_dir: Path, overrides: dict[str, Any], fragment: str) -> None:
+    assert fragment in error_text({"models": [vision(models_dir, **overrides)]})
+
+
+def test_gpu_deployments_get_gpu_rules(models_dir: Path) -> None:
+    on_gpu = {"deployment": {"ray_actor_options": {"num_gpus": 1}}}
+    config = AppConfig.model_validate({"models": [vision(models_dir, block_size=16, isq="fp8", **on_gpu)]})
+    assert config.models[0].platform == "cuda"
+    assert "supported: FP8, fp8, fp8_per_tensor" in error_text({"models": [vision(models_dir, isq="Q4K", **on_gpu)]})
+
+
+def test_vision_replicas_get_their_engine_environment(models_dir: Path) -> None:
+    app = build_app({"models": [vision(models_dir, deployment={"ray_actor_options": {"num_cpus": 2}})]})
+    replica = app._bound_deployment.init_args[1]["v"]._bound_deployment
+    env = replica.ray_actor_options["runtime_env"]["env_vars"]
+    assert env["VLLM_CPU_OMP_THREADS_BIND"] == "nobind" and env["OMP_NUM_THREADS"] == "2"
+    assert env["HF_HUB_OFFLINE"] == "1"
+    for var in ("TMPDIR", "VLLM_CACHE_ROOT", "TORCHINDUCTOR_CACHE_DIR", "VLLM_RPC_BASE_PATH"):
+        assert Path(env[var]).is_absolute() and str(ROOT) in env[var]
+    assert replica.max_ongoing_requests == 32  # vLLM batches

@@ -10,6 +10,7 @@ from deployments.quantization import (
     quantization_from_file_type,
     quantization_from_filename,
     resolve_gguf_quantization,
+    resolve_isq,
 )
 
 
@@ -68,3 +69,18 @@ def test_renamed_file_reports_the_metadata_type(models_dir: Path, tmp_path: Path
     renamed = tmp_path / "tiny-llama-Q8_0.gguf"
     renamed.symlink_to(gguf_llama.TINY.path(models_dir, "Q4_K_M"))
     assert read_gguf_facts(renamed).quantization == "Q4_K_M"
+
+
+@pytest.mark.parametrize(
+    ("isq", "platform", "method"),
+    [("FP8", "cpu", "fp8_per_channel"), ("fp8", "cpu", "fp8_per_channel"), ("FP8", "cuda", "fp8"),
+     ("fp8_per_block", "cuda", "fp8_per_block")],
+)
+def test_isq_names_map_to_what_vllm_really_does(isq: str, platform: str, method: str) -> None:
+    assert resolve_isq(isq, platform) == method
+
+
+@pytest.mark.parametrize("isq", ["Q4K", "Q8_0", "int8_per_channel_weight_only", "nvfp4_per_token", "bogus"])
+def test_isq_that_would_not_quantize_a_dense_model_on_cpu_is_refused(isq: str) -> None:
+    with pytest.raises(ValueError, match="supported: FP8, fp8_per_channel"):
+        resolve_isq(isq, "cpu")
