@@ -16,6 +16,8 @@ from typing import Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from deployments.config import ModelConfig
+
 
 class ModelStatus(str, enum.Enum):
     LOADING = "loading"
@@ -100,6 +102,9 @@ class Engine(abc.ABC):
 
     kind: ClassVar[str]
 
+    def __init__(self, config: ModelConfig) -> None:
+        self.config = config
+
     @abc.abstractmethod
     async def load(self) -> None:
         """Load the model into memory; raise ``InvalidRequest``/``InferenceFailed`` with the reason."""
@@ -108,9 +113,36 @@ class Engine(abc.ABC):
     async def unload(self) -> None:
         """Stop in-flight generations and free the model's memory."""
 
-    @abc.abstractmethod
     def info(self, status: ModelStatus, error: str | None = None) -> ModelInfo:
-        """Describe the model; must work whether or not it is loaded."""
+        """Describe the model; works whether or not it is loaded."""
+        return ModelInfo(
+            id=self.config.name,
+            kind=self.kind,
+            name=self.model_name(),
+            size_bytes=self.size_bytes(),
+            quantization=self.quantization(),
+            context_length=self.config.context_size,
+            supports_vision=self.config.supports_vision,
+            status=status,
+            active_generations=self.active_generations(),
+            error=error,
+        )
+
+    @abc.abstractmethod
+    def model_name(self) -> str:
+        """The model's own name: GGUF file stem, checkpoint folder name."""
+
+    @abc.abstractmethod
+    def size_bytes(self) -> int:
+        """Bytes of the model on disk."""
+
+    @abc.abstractmethod
+    def quantization(self) -> str | None:
+        """The quantization of the weights as served."""
+
+    @abc.abstractmethod
+    def active_generations(self) -> int:
+        """Generations running in the engine now (the engine's own count)."""
 
     @abc.abstractmethod
     async def layer_types(self) -> dict[str, int]:

@@ -24,7 +24,7 @@ import gguf
 import numpy as np
 
 from deployments.config import GGUFModelConfig
-from deployments.engines.base import Delta, Engine, GenerationRequest, ModelInfo, ModelStatus, Usage
+from deployments.engines.base import Delta, Engine, GenerationRequest, Usage
 from deployments.errors import InferenceFailed, InvalidRequest, ModelNotLoaded
 from deployments.quantization import resolve_gguf_quantization
 
@@ -85,8 +85,10 @@ _DONE = object()
 class LlamaCppEngine(Engine):
     kind = "gguf"
 
+    config: GGUFModelConfig
+
     def __init__(self, config: GGUFModelConfig) -> None:
-        self._config = config
+        super().__init__(config)
         self._facts = read_gguf_facts(config.path)
         # One thread: llama.cpp contexts are not thread-safe, and it serializes generations.
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"llama-{config.name}")
@@ -104,7 +106,7 @@ class LlamaCppEngine(Engine):
         import llama_cpp
         from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
-        cfg = self._config
+        cfg = self.config
         try:
             llm = llama_cpp.Llama(
                 model_path=str(cfg.path),
@@ -139,19 +141,17 @@ class LlamaCppEngine(Engine):
             self._llm = self._formatter = None
             gc.collect()
 
-    def info(self, status: ModelStatus, error: str | None = None) -> ModelInfo:
-        return ModelInfo(
-            id=self._config.name,
-            kind=self.kind,
-            name=self._config.path.stem,
-            size_bytes=self._facts.size_bytes,
-            quantization=self._facts.quantization,
-            context_length=self._config.context_size,
-            supports_vision=False,
-            status=status,
-            active_generations=self._active,
-            error=error,
-        )
+    def model_name(self) -> str:
+        return self.config.path.stem
+
+    def size_bytes(self) -> int:
+        return self._facts.size_bytes
+
+    def quantization(self) -> str | None:
+        return self._facts.quantization
+
+    def active_generations(self) -> int:
+        return self._active
 
     async def layer_types(self) -> dict[str, int]:
         """GGUF tensor types (``Q4_K``, ``Q6_K``, ``F32``, ...) as the file stores them."""
@@ -161,7 +161,7 @@ class LlamaCppEngine(Engine):
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[Delta]:
         if self._llm is None:
-            raise ModelNotLoaded(f"model {self._config.name} is not loaded")
+            raise ModelNotLoaded(f"model {self.config.name} is not loaded")
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[Any] = asyncio.Queue()
         stop = threading.Event()
@@ -188,16 +188,16 @@ class LlamaCppEngine(Engine):
 
         llm = self._llm
         if llm is None:
-            raise ModelNotLoaded(f"model {self._config.name} is not loaded")
+            raise ModelNotLoaded(f"model {self.config.name} is not loaded")
         self._active += 1
         try:
             prompt = self._formatter(messages=list(request.messages))
             tokens = llm.tokenize(prompt.prompt.encode(), add_bos=not prompt.added_special, special=True)
             sampling = request.sampling
-            if len(tokens) + sampling.max_tokens > self._config.context_size:
+            if len(tokens) + sampling.max_tokens > self.config.context_size:
                 raise InvalidRequest(
                     f"the prompt has {len(tokens)} tokens; with max_tokens={sampling.max_tokens} it exceeds "
-                    f"the context of {self._config.context_size} tokens of model {self._config.name}; "
+                    f"the context of {self.config.context_size} tokens of model {self.config.name}; "
                     "shorten the messages or lower max_tokens",
                     code="context_length_exceeded",
                 )
@@ -210,7 +210,7 @@ class LlamaCppEngine(Engine):
                 top_p=sampling.top_p,
                 top_k=sampling.top_k,
                 stop=[*sampling.stop, *(prompt.stop or [])],
-                seed=sampling.seed if sampling.seed is not None else self._config.seed,
+                seed=sampling.seed if sampling.seed is not None else self.config.seed,
                 stream=True,
                 stopping_criteria=StoppingCriteriaList([watch]),
                 logit_bias={llm.token_eos(): -1e9} if sampling.ignore_eos else None,

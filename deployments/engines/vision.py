@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from deployments.config import VisionModelConfig
-from deployments.engines.base import Delta, Engine, GenerationRequest, ModelInfo, ModelStatus, Usage
+from deployments.engines.base import Delta, Engine, GenerationRequest, Usage
 from deployments.errors import InferenceFailed, InvalidRequest, ModelNotLoaded
 from deployments.images import open_rgb
 from deployments.quantization import resolve_isq
@@ -88,12 +88,13 @@ class WorkerInspection:
 
 class VLLMEngine(Engine):
     kind = "vision"
+    config: VisionModelConfig
 
     def __init__(self, config: VisionModelConfig) -> None:
         for var in ("TMPDIR", "VLLM_CACHE_ROOT", "TORCHINDUCTOR_CACHE_DIR"):
             if var in os.environ:
                 Path(os.environ[var]).mkdir(parents=True, exist_ok=True)
-        self._config = config
+        super().__init__(config)
         self._isq = resolve_isq(config.isq, config.platform) if config.isq else None
         self._size_bytes = checkpoint_size_bytes(config)
         self._engine: Any = None
@@ -102,7 +103,7 @@ class VLLMEngine(Engine):
     def engine_args(self) -> Any:
         from vllm import AsyncEngineArgs
 
-        cfg = self._config
+        cfg = self.config
         args: dict[str, Any] = {
             "model": str(cfg.path),
             "max_model_len": cfg.context_size,
@@ -129,7 +130,7 @@ class VLLMEngine(Engine):
             self._tokenizer = self._engine.get_tokenizer()
         except Exception as exc:
             raise InferenceFailed(
-                f"failed to load {self._config.path.name}: {type(exc).__name__}: {exc}", code="model_load_failed"
+                f"failed to load {self.config.path.name}: {type(exc).__name__}: {exc}", code="model_load_failed"
             ) from exc
 
     async def unload(self) -> None:
@@ -138,28 +139,23 @@ class VLLMEngine(Engine):
             engine.shutdown()  # aborts in-flight requests and stops the engine-core process
             gc.collect()
 
-    def info(self, status: ModelStatus, error: str | None = None) -> ModelInfo:
-        return ModelInfo(
-            id=self._config.name,
-            kind=self.kind,
-            name=self._config.path.name,
-            size_bytes=self._size_bytes,
-            quantization=self._isq or checkpoint_quantization(self._config),
-            context_length=self._config.context_size,
-            supports_vision=True,
-            status=status,
-            active_generations=self.running_requests(),
-            error=error,
-        )
+    def model_name(self) -> str:
+        return self.config.path.name
 
-    def running_requests(self) -> int:
+    def size_bytes(self) -> int:
+        return self._size_bytes
+
+    def quantization(self) -> str | None:
+        return self._isq or checkpoint_quantization(self.config)
+
+    def active_generations(self) -> int:
         """Requests vLLM itself still holds (not the replica's view)."""
         return 0 if self._engine is None else self._engine.output_processor.get_num_unfinished_requests()
 
     async def layer_types(self) -> dict[str, int]:
         """vLLM's layer methods in the loaded model (``Fp8...LinearMethod`` when ISQ applied)."""
         if self._engine is None:
-            raise ModelNotLoaded(f"model {self._config.name} is not loaded")
+            raise ModelNotLoaded(f"model {self.config.name} is not loaded")
         (counts,) = await self._engine.collective_rpc("count_layer_methods")
         return counts
 
@@ -193,7 +189,7 @@ class VLLMEngine(Engine):
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[Delta]:
         if self._engine is None:
-            raise ModelNotLoaded(f"model {self._config.name} is not loaded")
+            raise ModelNotLoaded(f"model {self.config.name} is not loaded")
         from vllm.v1.engine.exceptions import EngineGenerateError
 
         prompt, sampling = self._prompt(request), self._sampling(request)
@@ -210,7 +206,7 @@ class VLLMEngine(Engine):
                     usage = Usage(prompt_tokens, completion_tokens)
                     yield Delta("", finish_reason=completion.finish_reason or "stop", usage=usage)
         except (ValueError, TypeError) as exc:  # vLLM's input validation (e.g. prompt too long)
-            raise InvalidRequest(f"model {self._config.name} rejected the request: {exc}") from None
+            raise InvalidRequest(f"model {self.config.name} rejected the request: {exc}") from None
         except EngineGenerateError as exc:
             cause = exc.__cause__ or exc
             raise InferenceFailed(f"vLLM failed: {type(cause).__name__}: {cause}") from None

@@ -212,3 +212,18 @@ def test_isq_fp8_quantizes_the_linear_layers_on_cpu(app: ServeApp, client: opena
 def test_gguf_layer_types_come_from_the_file(app: ServeApp) -> None:
     types = serve.get_deployment_handle("model-tiny", APP_NAME).layer_types.remote().result()
     assert types.get("Q4_K", 0) > 0 and types.get("F32", 0) > 0, types
+
+
+def test_vision_model_unload_and_load(app: ServeApp, client: openai.OpenAI) -> None:
+    from deployments.lifecycle import set_model_loaded
+
+    set_model_loaded("vision-fp8", False)
+    try:
+        assert app.model_card("vision-fp8")["status"] == "unloaded"
+        with pytest.raises(openai.InternalServerError) as info:
+            greedy(client, RED, model="vision-fp8", max_tokens=2)
+        assert info.value.body["code"] == "model_not_loaded"
+        assert greedy(client, RED, max_tokens=2)  # the other vision model keeps serving
+    finally:
+        set_model_loaded("vision-fp8", True)
+    assert greedy(client, RED, model="vision-fp8", max_tokens=2)
