@@ -6,7 +6,6 @@ anything is deployed), then binds one model deployment per configured model and 
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 from typing import Any
 
@@ -14,17 +13,12 @@ from ray import serve
 from ray.serve import Application
 
 from deployments.config import AppConfig, ModelConfig
-from deployments.replica import ModelReplica, model_deployment_options
+from deployments.replica import ModelReplica, deployment_name, model_deployment_options
 from deployments.router import Router, router_deployment_options
 
 
 DEFAULT_APP_NAME = "nika"
 IMPORT_PATH = "deployments.app:build_app"
-
-
-def deployment_name(model_name: str) -> str:
-    """Serve deployment names must not contain ``#``; keep them readable in ``serve status``."""
-    return "model-" + re.sub(r"[^A-Za-z0-9_.-]", "_", model_name)
 
 
 def build_model(model: ModelConfig, cache_dir: Path) -> Application:

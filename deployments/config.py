@@ -98,6 +98,10 @@ class DeploymentOptions(StrictModel):
         default=None, ge=-1, description="Caller-side queue bound; -1 is unbounded."
     )
     ray_actor_options: dict[str, Any] | None = Field(default=None, description="num_cpus, num_gpus, resources, ...")
+    max_replicas_per_node: PositiveInt | None = Field(default=None, le=100, description="Spread replicas over nodes.")
+    max_constructor_retry_count: PositiveInt | None = Field(
+        default=None, description="Attempts to start a replica before the deployment is marked failed."
+    )
     graceful_shutdown_timeout_s: PositiveFloat | None = None
     health_check_period_s: PositiveFloat | None = None
     health_check_timeout_s: PositiveFloat | None = None
@@ -234,6 +238,13 @@ class ImageLimits(StrictModel):
 
 
 class RouterConfig(StrictModel):
+    api_key_env: str | None = Field(
+        default=None,
+        pattern=r"^[A-Za-z_][A-Za-z0-9_]*$",
+        description="Name of the environment variable holding the API key; when set, every route "
+        "but /healthz requires `Authorization: Bearer <key>`.",
+    )
+    max_body_bytes: PositiveInt = Field(default=C.DEFAULT_MAX_BODY_BYTES, description="Request body size limit.")
     max_messages: PositiveInt = Field(default=C.DEFAULT_MAX_MESSAGES, description="Messages per request.")
     images: ImageLimits = ImageLimits()
     deployment: DeploymentOptions = DeploymentOptions()

@@ -19,11 +19,15 @@ MAX_REQUEST_TIMEOUT_S = 3600.0
 DEFAULT_MODEL_MAX_ONGOING_REQUESTS = {"gguf": 4, "vision": 32}
 DEFAULT_MODEL_MAX_QUEUED_REQUESTS = 64
 DEFAULT_ROUTER_MAX_ONGOING_REQUESTS = 256
+# A model that fails to load fails fast (its reason shows in serve status and /v1/models),
+# instead of Serve's default 20 attempts.
+DEFAULT_MODEL_MAX_CONSTRUCTOR_RETRY_COUNT = 3
 
 # Control calls (model info) from the router to replicas must not hang /v1/models.
 MODEL_INFO_TIMEOUT_S = 5.0
 
-# Request limits.
+# Request limits (images are inline, so bodies can be large).
+DEFAULT_MAX_BODY_BYTES = 64 * 2**20
 DEFAULT_MAX_MESSAGES = 256
 DEFAULT_MAX_STOP_SEQUENCES = 4
 

@@ -47,6 +47,24 @@ class InvalidRequest(ServeError):
     default_code = "invalid_request"
 
 
+class Unauthorized(ServeError):
+    status_code = 401
+    error_type = "authentication_error"
+    default_code = "invalid_api_key"
+
+
+class PayloadTooLarge(ServeError):
+    status_code = 413
+    error_type = "invalid_request_error"
+    default_code = "request_too_large"
+
+
+class UnsupportedMediaType(ServeError):
+    status_code = 415
+    error_type = "invalid_request_error"
+    default_code = "unsupported_media_type"
+
+
 class ModelNotFound(ServeError):
     status_code = 404
     error_type = "invalid_request_error"
@@ -98,7 +116,7 @@ def as_serve_error(exc: BaseException) -> ServeError:
     original; unwrap it first. Classification is by type, never by message.
     """
     from ray import exceptions as ray_exceptions
-    from ray.serve.exceptions import BackPressureError, RequestCancelledError
+    from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, RequestCancelledError
 
     if isinstance(exc, ray_exceptions.RayTaskError) and exc.cause is not None:
         exc = exc.cause
@@ -106,6 +124,10 @@ def as_serve_error(exc: BaseException) -> ServeError:
         return exc
     if isinstance(exc, BackPressureError):
         return Overloaded("the model's request queue is full; retry later")
+    if isinstance(exc, DeploymentUnavailableError):
+        return ModelNotLoaded(
+            "the model has no running replica (starting, or failed to load: see /v1/models)", code="model_unavailable"
+        )
     if isinstance(exc, RequestCancelledError | ray_exceptions.TaskCancelledError | asyncio.CancelledError):
         return Cancelled("the request was cancelled")
     if isinstance(exc, ray_exceptions.RayActorError):

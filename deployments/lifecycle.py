@@ -23,7 +23,8 @@ from ray.serve.context import _get_global_client
 from ray.serve.exceptions import DeploymentUnavailableError
 from ray.serve.schema import DeploymentSchema, ServeApplicationSchema, ServeDeploySchema
 
-from deployments.app import DEFAULT_APP_NAME, deployment_name
+from deployments.app import DEFAULT_APP_NAME
+from deployments.replica import deployment_name
 from deployments.engines.base import ModelStatus
 from deployments.errors import ModelNotFound
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 from collections.abc import AsyncIterator, Callable
 from contextlib import aclosing
 from pathlib import Path
@@ -29,6 +30,11 @@ logger = logging.getLogger("ray.serve")
 _MODEL_CONFIG = TypeAdapter(ModelConfig)
 
 
+def deployment_name(model_name: str) -> str:
+    """A model's deployment: Serve names must not contain ``#``; keep them readable in ``serve status``."""
+    return "model-" + re.sub(r"[^A-Za-z0-9_.-]", "_", model_name)
+
+
 def model_deployment_options(model: ModelConfig, cache_dir: Path) -> dict[str, Any]:
     """Serve options of a model's deployment: its config over the model defaults.
 
@@ -40,6 +46,7 @@ def model_deployment_options(model: ModelConfig, cache_dir: Path) -> dict[str, A
     defaults = {
         "max_ongoing_requests": C.DEFAULT_MODEL_MAX_ONGOING_REQUESTS[model.kind],
         "max_queued_requests": C.DEFAULT_MODEL_MAX_QUEUED_REQUESTS,
+        "max_constructor_retry_count": C.DEFAULT_MODEL_MAX_CONSTRUCTOR_RETRY_COUNT,
         "ray_actor_options": {"num_cpus": 1},
     }
     options = {"user_config": {"loaded": model.loaded}} | model.deployment.serve_options(defaults)

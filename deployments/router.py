@@ -9,19 +9,21 @@ becomes one final SSE ``{"error": ...}`` event followed by ``data: [DONE]``.
 ingress methods.)
 """
 
+import hmac
 import logging
+import os
 from collections.abc import AsyncIterator
 from contextlib import aclosing
 from typing import Any
 
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from deployments import constants as C
 from deployments.config import AppConfig, RouterConfig
-from deployments.errors import ServeError, as_serve_error
+from deployments.errors import PayloadTooLarge, ServeError, Unauthorized, UnsupportedMediaType, as_serve_error
 from deployments.protocol import SSE_DONE, ChatCompletionRequest, sse_event
 from deployments.serving import ChatService, new_request_id, parse_request
 
@@ -38,6 +40,32 @@ async def _serve_error(_: Request, exc: ServeError) -> JSONResponse:
 def error_response(exc: BaseException) -> JSONResponse:
     error = as_serve_error(exc)
     return JSONResponse(error.to_body(), status_code=error.status_code, headers=error.headers())
+
+
+def _authenticate(request: Request) -> None:
+    """Require ``Authorization: Bearer <key>`` when the router has an API key."""
+    key: str | None = getattr(request.app.state, "api_key", None)
+    if key is None:
+        return
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), key.encode()):
+        raise Unauthorized("missing or invalid API key: send `Authorization: Bearer <key>`")
+
+
+async def _read_json_body(request: Request, limit: int) -> bytes:
+    """The body, refused before it is read when its declared type or size is wrong."""
+    media_type = request.headers.get("content-type", "application/json").split(";")[0].strip().lower()
+    if media_type != "application/json":
+        raise UnsupportedMediaType(f"Content-Type must be application/json, not {media_type}")
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise PayloadTooLarge(f"request body of {declared} bytes exceeds the limit of {limit} bytes")
+    body = bytearray()
+    async for part in request.stream():
+        body += part
+        if len(body) > limit:
+            raise PayloadTooLarge(f"request body exceeds the limit of {limit} bytes")
+    return bytes(body)
 
 
 async def _sse(first: dict[str, Any], chunks: AsyncIterator[dict[str, Any]]) -> AsyncIterator[bytes]:
@@ -71,7 +99,14 @@ class Router:
     """Routes chat requests to the model deployments by the ``model`` field."""
 
     def __init__(self, config: dict[str, Any], models: dict[str, DeploymentHandle]) -> None:
-        self._service = ChatService(AppConfig.model_validate(config), models)
+        app_config = AppConfig.model_validate(config)
+        self._service = ChatService(app_config, models)
+        self._max_body_bytes = app_config.router.max_body_bytes
+        key_env = app_config.router.api_key_env
+        if key_env is not None and not os.environ.get(key_env):
+            # Serving openly because a secret is missing would be worse than not serving.
+            raise ValueError(f"router.api_key_env is {key_env!r}, but that variable is empty in the router's environment")
+        api.state.api_key = os.environ[key_env] if key_env else None
 
     # -- HTTP --------------------------------------------------------------------------
 
@@ -79,13 +114,13 @@ class Router:
     async def healthz(self) -> dict[str, str]:
         return {"status": "ok"}
 
-    @api.get("/v1/models")
+    @api.get("/v1/models", dependencies=[Depends(_authenticate)])
     async def models(self) -> dict[str, Any]:
         return {"object": "list", "data": await self._service.list_models()}
 
-    @api.post("/v1/chat/completions")
+    @api.post("/v1/chat/completions", dependencies=[Depends(_authenticate)])
     async def chat_completions(self, request: Request) -> Any:
-        body = parse_request(await request.body())
+        body = parse_request(await _read_json_body(request, self._max_body_bytes))
         request_id = new_request_id()
         prepared = await self._service.prepare(body, request_id)
         if not body.stream:

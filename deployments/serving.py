@@ -25,6 +25,7 @@ from deployments.engines.base import Delta, GenerationRequest, ModelInfo, ModelS
 from deployments.errors import InferenceFailed, InvalidRequest, ModelNotFound, ServeError, as_serve_error
 from deployments.images import load_image
 from deployments.protocol import ChatCompletionRequest, ChunkFactory, completion_body, model_card
+from deployments.replica import deployment_name
 from deployments.streaming import with_deadlines
 
 logger = logging.getLogger("ray.serve")
@@ -59,6 +60,15 @@ def _describe_validation_error(exc: ValidationError) -> str:
         else:
             problems.append(f"{where}: {error['msg']}")
     return "invalid request: " + "; ".join(problems)
+
+
+def _deployment_state(deployment: str) -> tuple[ModelStatus, str | None]:
+    """A model deployment's state from Serve's controller, for when no replica can say."""
+    app = serve.get_replica_context().app_name
+    state = serve.status().applications[app].deployments.get(deployment)
+    if state is None or state.status in ("UPDATING", "UPSCALING"):
+        return ModelStatus.LOADING, state.message if state else None
+    return ModelStatus.FAILED, state.message or f"deployment {deployment} is {state.status}"
 
 
 def _cancel(response: DeploymentResponseGenerator) -> None:
@@ -211,18 +221,18 @@ class ChatService:
         except Exception as exc:  # no replica running (starting, failed) or no answer in time
             reports = [exc]
         infos = [r for r in reports if isinstance(r, ModelInfo)]
-        if not infos:
-            error = as_serve_error(reports[0]).message if reports else "no replica is running"
+        if not infos:  # no replica answered: ask Serve why (starting, failed to load, ...)
+            status, error = await asyncio.to_thread(_deployment_state, deployment_name(model.name))
             return ModelInfo(
                 id=model.name,
                 kind=model.kind,
-                name=model.name,
+                name=model.path.name,
                 size_bytes=0,
                 quantization=None,
                 context_length=model.context_size,
                 supports_vision=model.supports_vision,
-                status=ModelStatus.FAILED,
-                error=error,
+                status=status,
+                error=error or (as_serve_error(reports[0]).message if reports else "no replica is running"),
             )
         statuses = {i.status for i in infos}
         status = statuses.pop() if len(statuses) == 1 else ModelStatus.LOADING

@@ -89,7 +89,12 @@ class LlamaCppEngine(Engine):
 
     def __init__(self, config: GGUFModelConfig) -> None:
         super().__init__(config)
-        self._facts = read_gguf_facts(config.path)
+        try:
+            self._facts = read_gguf_facts(config.path)
+        except Exception as exc:  # gguf's reader raises many types for a damaged file
+            raise InferenceFailed(
+                f"{config.path.name} is not a readable GGUF file: {type(exc).__name__}: {exc}", code="model_load_failed"
+            ) from exc
         # One thread: llama.cpp contexts are not thread-safe, and it serializes generations.
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"llama-{config.name}")
         self._llm: Any = None
