@@ -143,6 +143,11 @@ class ModelConfigBase(StrictModel):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}$", description="The API model id.")
     context_size: PositiveInt = Field(default=C.DEFAULT_CONTEXT_SIZE, description="Context window in tokens.")
     loaded: bool = Field(default=True, description="Whether replicas hold the model in memory (user_config).")
+    stall_timeout_s: PositiveFloat = Field(
+        default=C.DEFAULT_STALL_TIMEOUT_S,
+        description="A replica holding requests without producing a token for this long, or whose engine "
+        "does not answer for this long, fails its health check and is restarted by Serve.",
+    )
     sampling: SamplingDefaults = SamplingDefaults()
     deadlines: DeadlinePolicy = DeadlinePolicy()
     deployment: DeploymentOptions = DeploymentOptions()

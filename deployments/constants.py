@@ -14,6 +14,9 @@ MAX_FIRST_CHUNK_TIMEOUT_S = 600.0
 MAX_CHUNK_TIMEOUT_S = 300.0
 MAX_REQUEST_TIMEOUT_S = 3600.0
 
+# Health: longest silence of an engine that holds work before Serve restarts the replica.
+DEFAULT_STALL_TIMEOUT_S = 60.0
+
 # Serve options (see replica.model_deployment_options and router.router_deployment_options).
 # llama.cpp runs one generation per replica; vLLM batches many (continuous batching).
 DEFAULT_MODEL_MAX_ONGOING_REQUESTS = {"gguf": 4, "vision": 32}

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
+import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import aclosing
 from pathlib import Path
@@ -68,6 +69,8 @@ class ModelReplica:
         self._status = ModelStatus.UNLOADED
         self._error: str | None = None
         self._lifecycle = asyncio.Lock()
+        self._in_flight = 0
+        self._last_progress = time.monotonic()
 
     async def reconfigure(self, user_config: dict[str, Any]) -> None:
         """Apply ``{"loaded": bool}``: load or unload the model on this replica."""
@@ -90,6 +93,18 @@ class ModelReplica:
         self._status = ModelStatus.LOADED
         logger.info("model %s loaded", self._config.name)
 
+    async def check_health(self) -> None:
+        """Serve's health check, aware of progress: raising makes Serve replace this replica."""
+        bound = self._config.stall_timeout_s
+        silent_s = time.monotonic() - self._last_progress
+        if self._in_flight and silent_s > bound:
+            raise RuntimeError(
+                f"model {self._config.name}: {self._in_flight} request(s) in flight and no token for "
+                f"{silent_s:.1f}s (stall_timeout_s={bound:g})"
+            )
+        if self._status is ModelStatus.LOADED:
+            await self._engine.check_health(timeout_s=bound)
+
     async def info(self) -> ModelInfo:
         return self._engine.info(self._status, self._error)
 
@@ -100,7 +115,14 @@ class ModelReplica:
     async def generate(self, request: GenerationRequest) -> AsyncIterator[Delta]:
         if self._status is not ModelStatus.LOADED:
             raise ModelNotLoaded(f"model {self._config.name} is not loaded")
-        # aclosing: a cancelled task closes the engine stream at once, which stops the engine.
-        async with aclosing(self._engine.generate(request)) as deltas:
-            async for delta in deltas:
-                yield delta
+        self._in_flight += 1
+        if self._in_flight == 1:  # the silence clock runs only while there is work
+            self._last_progress = time.monotonic()
+        try:
+            # aclosing: a cancelled task closes the engine stream at once, which stops the engine.
+            async with aclosing(self._engine.generate(request)) as deltas:
+                async for delta in deltas:
+                    self._last_progress = time.monotonic()
+                    yield delta
+        finally:
+            self._in_flight -= 1

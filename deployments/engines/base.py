@@ -144,6 +144,9 @@ class Engine(abc.ABC):
     def active_generations(self) -> int:
         """Generations running in the engine now (the engine's own count)."""
 
+    async def check_health(self, timeout_s: float) -> None:
+        """Raise if the engine cannot make progress (its own errors, an unresponsive process)."""
+
     @abc.abstractmethod
     async def layer_types(self) -> dict[str, int]:
         """How the loaded weights are stored: type or method name -> count of tensors/layers."""

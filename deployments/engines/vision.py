@@ -77,6 +77,9 @@ class WorkerInspection:
 
     model_runner: Any
 
+    def ping(self) -> bool:
+        return True
+
     def count_layer_methods(self) -> dict[str, int]:
         counts: dict[str, int] = {}
         for module in self.model_runner.get_model().modules():
@@ -151,6 +154,18 @@ class VLLMEngine(Engine):
     def active_generations(self) -> int:
         """Requests vLLM itself still holds (not the replica's view)."""
         return 0 if self._engine is None else self._engine.output_processor.get_num_unfinished_requests()
+
+    async def check_health(self, timeout_s: float) -> None:
+        """vLLM's own error state, then a round trip to the engine-core process: a stopped or
+        wedged core answers nothing, even when no request is in flight to show it."""
+        if self._engine is None:
+            return
+        if self._engine.errored:
+            raise RuntimeError(f"vLLM engine of model {self.config.name} has errored: {self._engine.dead_error}")
+        try:
+            await asyncio.wait_for(self._engine.collective_rpc("ping"), timeout_s)
+        except TimeoutError:
+            raise RuntimeError(f"vLLM engine of model {self.config.name} did not answer within {timeout_s:g}s") from None
 
     async def layer_types(self) -> dict[str, int]:
         """vLLM's layer methods in the loaded model (``Fp8...LinearMethod`` when ISQ applied)."""

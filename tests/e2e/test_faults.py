@@ -101,3 +101,55 @@ def test_a_model_that_fails_to_load_is_reported_and_the_others_keep_serving(app:
             client.chat.completions.create(model="broken", messages=[{"role": "user", "content": "hi"}])
         assert info.value.status_code == 503
         assert client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=3)
+
+
+def replica_pid(app_name: str, model: str) -> int:
+    prefix = f"SERVE_REPLICA::{app_name}#model-{model}#"
+    (name,) = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if a["name"].startswith(prefix)]
+    return ray.get(ray.get_actor(name, namespace="serve").__ray_call__.remote(lambda _: __import__("os").getpid()))
+
+
+def test_a_stalled_engine_ends_its_requests_by_deadline_and_serve_restarts_the_replica(app: ServeApp) -> None:
+    """A real stall: vLLM's engine-core process is stopped (SIGSTOP) mid-stream."""
+    import os
+    import signal
+
+    import psutil
+
+    vision = {
+        "name": "vision", "kind": "vision", "path": str(app.models_dir / "tiny-idefics3"), "context_size": 32768,
+        "kv_cache_bytes": 80 * 2**20, "stall_timeout_s": 3,
+        "deployment": {"health_check_period_s": 1, "health_check_timeout_s": 10, "ray_actor_options": {"num_cpus": 0.5}},
+    }
+    side = "stalled"
+    with app.side_app(side, AppConfig.model_validate({"models": [vision]})) as base_url:
+        before = replica_pid(side, "vision")
+        (core,) = [p for p in psutil.Process(before).children(recursive=True) if "EngineCore" in " ".join(p.cmdline()) or "EngineCore" in p.name()]
+        body = chat("vision", content="go", stream=True, max_tokens=30000, ignore_eos=True, chunk_timeout_s=1)
+        try:
+            with httpx.Client(base_url=base_url, timeout=60) as http:
+                with http.stream("POST", "/v1/chat/completions", json=body) as response:
+                    lines = response.iter_lines()
+                    next(line for line in lines if '"content"' in line)
+                    os.kill(core.pid, signal.SIGSTOP)
+                    events = [line for line in lines if line.startswith("data: ")]
+            # The chunk deadline ended the request...
+            assert json.loads(events[-2].removeprefix("data: "))["error"]["code"] == "chunk_timeout"
+            # ...and the health check, finding the engine silent, made Serve replace the replica.
+            poll(lambda: _replica_pid_or_none(side) not in (None, before), 120, "Serve to replace the stalled replica")
+            poll(
+                lambda: httpx.post(f"{base_url}/v1/chat/completions", json=chat("vision", max_tokens=3), timeout=30)
+                .status_code == 200,
+                120,
+                "the new replica to serve",
+            )
+        finally:
+            if psutil.pid_exists(core.pid):
+                os.kill(core.pid, signal.SIGKILL)
+
+
+def _replica_pid_or_none(app_name: str) -> int | None:
+    try:
+        return replica_pid(app_name, "vision")
+    except (ValueError, ray.exceptions.RayActorError):
+        return None
