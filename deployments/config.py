@@ -102,6 +102,9 @@ class DeploymentOptions(StrictModel):
     max_constructor_retry_count: PositiveInt | None = Field(
         default=None, description="Attempts to start a replica before the deployment is marked failed."
     )
+    logging_config: dict[str, Any] | None = Field(
+        default=None, description='Serve logging, e.g. {"encoding": "JSON"} for structured logs.'
+    )
     graceful_shutdown_timeout_s: PositiveFloat | None = None
     health_check_period_s: PositiveFloat | None = None
     health_check_timeout_s: PositiveFloat | None = None
