@@ -16,7 +16,6 @@ from deployments.config import AppConfig, ModelConfig
 from deployments.replica import ModelReplica, deployment_name, model_deployment_options
 from deployments.router import Router, router_deployment_options
 
-
 DEFAULT_APP_NAME = "nika"
 IMPORT_PATH = "deployments.app:build_app"
 

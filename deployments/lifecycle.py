@@ -24,9 +24,9 @@ from ray.serve.exceptions import DeploymentUnavailableError
 from ray.serve.schema import DeploymentSchema, ServeApplicationSchema, ServeDeploySchema
 
 from deployments.app import DEFAULT_APP_NAME
-from deployments.replica import deployment_name
 from deployments.engines.base import ModelStatus
 from deployments.errors import ModelNotFound
+from deployments.replica import deployment_name
 
 
 def set_model_loaded(model: str, loaded: bool, *, app_name: str = DEFAULT_APP_NAME, timeout_s: float = 300) -> None:

@@ -10,7 +10,6 @@ ingress methods.)
 """
 
 import hmac
-import logging
 import os
 from collections.abc import AsyncIterator
 from contextlib import aclosing
@@ -27,7 +26,6 @@ from deployments.errors import PayloadTooLarge, ServeError, Unauthorized, Unsupp
 from deployments.protocol import SSE_DONE, ChatCompletionRequest, sse_event
 from deployments.serving import ChatService, new_request_id, parse_request
 
-logger = logging.getLogger("ray.serve")
 
 api = FastAPI(title="nika-serve", description="OpenAI-compatible chat for local GGUF and vision models")
 

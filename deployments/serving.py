@@ -7,7 +7,6 @@ so streaming and non-streaming, HTTP and handles, share one path to the engines.
 from __future__ import annotations
 
 import asyncio
-import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Mapping
@@ -28,7 +27,6 @@ from deployments.protocol import ChatCompletionRequest, ChunkFactory, completion
 from deployments.replica import deployment_name
 from deployments.streaming import with_deadlines
 
-logger = logging.getLogger("ray.serve")
 
 
 def new_request_id() -> str:

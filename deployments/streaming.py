@@ -27,7 +27,7 @@ from deployments.errors import InferenceTimeout
 T = TypeVar("T")
 
 
-class DeadlineKind(str, enum.Enum):
+class DeadlineKind(enum.StrEnum):
     FIRST_CHUNK = "first_chunk_timeout"
     CHUNK = "chunk_timeout"
     REQUEST = "request_timeout"

@@ -132,7 +132,7 @@ def generate(directory: Path, *, force: bool = False) -> Path:
     torch.manual_seed(SEED)
     model = Idefics3ForConditionalGeneration(config).eval()
     with torch.no_grad():  # wide random weights: outputs depend visibly on the inputs
-        for name, param in model.named_parameters():
+        for _, param in model.named_parameters():
             if param.dim() >= 2:
                 param.normal_(0.0, 1.0 / param.shape[-1] ** 0.5)
     image_processor = Idefics3ImageProcessor(

@@ -19,7 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from deployments.config import ModelConfig
 
 
-class ModelStatus(str, enum.Enum):
+class ModelStatus(enum.StrEnum):
     LOADING = "loading"
     LOADED = "loaded"
     UNLOADED = "unloaded"
@@ -144,8 +144,11 @@ class Engine(abc.ABC):
     def active_generations(self) -> int:
         """Generations running in the engine now (the engine's own count)."""
 
-    async def check_health(self, timeout_s: float) -> None:
-        """Raise if the engine cannot make progress (its own errors, an unresponsive process)."""
+    async def check_health(self, timeout_s: float) -> None:  # noqa: B027 - optional hook
+        """Raise if the engine cannot make progress (its own errors, an unresponsive process).
+
+        The replica already detects in-flight work without tokens; engines add what only they see.
+        """
 
     @abc.abstractmethod
     async def layer_types(self) -> dict[str, int]:

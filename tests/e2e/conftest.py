@@ -15,7 +15,6 @@ import openai
 import pytest
 import ray
 from ray import serve
-
 from ray.serve.context import _get_global_client
 from ray.serve.schema import ServeApplicationSchema, ServeDeploySchema
 

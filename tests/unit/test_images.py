@@ -20,7 +20,10 @@ def png(size: tuple[int, int] = (8, 8), fmt: str = "PNG") -> bytes:
     return buffer.getvalue()
 
 
-def load(url: str, limits: ImageLimits = ImageLimits()) -> bytes:
+DEFAULT_LIMITS = ImageLimits()
+
+
+def load(url: str, limits: ImageLimits = DEFAULT_LIMITS) -> bytes:
     return asyncio.run(load_image(url, 3, limits))
 
 

@@ -1,10 +1,9 @@
-from deployments.engines.base import Delta, Usage
-from deployments.protocol import ChatCompletionRequest, ChunkFactory, sse_event
-from deployments.serving import parse_request
-
 import pytest
 
+from deployments.engines.base import Delta, Usage
 from deployments.errors import InvalidRequest
+from deployments.protocol import ChatCompletionRequest, ChunkFactory, sse_event
+from deployments.serving import parse_request
 
 
 def test_chunks_carry_the_role_first_the_finish_reason_then_usage() -> None:
