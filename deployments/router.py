@@ -26,7 +26,6 @@ from deployments.errors import PayloadTooLarge, ServeError, Unauthorized, Unsupp
 from deployments.protocol import SSE_DONE, ChatCompletionRequest, sse_event
 from deployments.serving import ChatService, new_request_id, parse_request
 
-
 api = FastAPI(title="nika-serve", description="OpenAI-compatible chat for local GGUF and vision models")
 
 

@@ -28,7 +28,6 @@ from deployments.replica import deployment_name
 from deployments.streaming import with_deadlines
 
 
-
 def new_request_id() -> str:
     """The completion id: Serve's request id (echoed as ``x-request-id``, in every log line)."""
     context = serve.context._get_serve_request_context()
