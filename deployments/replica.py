@@ -25,6 +25,7 @@ from deployments.config import ModelConfig
 from deployments.engines import engine_env, engine_for
 from deployments.engines.base import Delta, Engine, GenerationRequest, ModelInfo, ModelStatus
 from deployments.errors import ModelNotLoaded, ServeError
+from deployments.metrics import replica_metrics
 
 logger = logging.getLogger("ray.serve")
 
@@ -71,6 +72,7 @@ class ModelReplica:
         self._lifecycle = asyncio.Lock()
         self._in_flight = 0
         self._last_progress = time.monotonic()
+        self._metrics, self._tags = replica_metrics(), {"model": self._config.name}
 
     async def reconfigure(self, user_config: dict[str, Any]) -> None:
         """Apply ``{"loaded": bool}``: load or unload the model on this replica."""
@@ -118,6 +120,7 @@ class ModelReplica:
         self._in_flight += 1
         if self._in_flight == 1:  # the silence clock runs only while there is work
             self._last_progress = time.monotonic()
+        self._report_load()
         try:
             # aclosing: a cancelled task closes the engine stream at once, which stops the engine.
             async with aclosing(self._engine.generate(request)) as deltas:
@@ -126,3 +129,9 @@ class ModelReplica:
                     yield delta
         finally:
             self._in_flight -= 1
+            self._report_load()
+
+    def _report_load(self) -> None:
+        running = min(self._in_flight, self._engine.active_generations() or (1 if self._in_flight else 0))
+        self._metrics.requests_running.set(running, self._tags)
+        self._metrics.requests_waiting.set(self._in_flight - running, self._tags)

@@ -23,6 +23,7 @@ from ray.serve.handle import DeploymentHandle
 from deployments import constants as C
 from deployments.config import AppConfig, RouterConfig
 from deployments.errors import PayloadTooLarge, ServeError, Unauthorized, UnsupportedMediaType, as_serve_error
+from deployments.metrics import router_metrics
 from deployments.protocol import SSE_DONE, ChatCompletionRequest, sse_event
 from deployments.serving import ChatService, new_request_id, parse_request
 
@@ -36,6 +37,8 @@ async def _serve_error(_: Request, exc: ServeError) -> JSONResponse:
 
 def error_response(exc: BaseException) -> JSONResponse:
     error = as_serve_error(exc)
+    if error.status_code < 500 or error.status_code == 503:
+        router_metrics().rejected_requests.inc(tags={"cause": error.code})
     return JSONResponse(error.to_body(), status_code=error.status_code, headers=error.headers())
 
 

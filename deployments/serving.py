@@ -21,8 +21,16 @@ from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 from deployments.config import AppConfig, Deadlines, ModelConfig
 from deployments.constants import MODEL_INFO_TIMEOUT_S
 from deployments.engines.base import Delta, GenerationRequest, ModelInfo, ModelStatus, SamplingParams
-from deployments.errors import InferenceFailed, InvalidRequest, ModelNotFound, ServeError, as_serve_error
+from deployments.errors import (
+    InferenceFailed,
+    InferenceTimeout,
+    InvalidRequest,
+    ModelNotFound,
+    ServeError,
+    as_serve_error,
+)
 from deployments.images import load_image
+from deployments.metrics import router_metrics
 from deployments.protocol import ChatCompletionRequest, ChunkFactory, completion_body, model_card
 from deployments.replica import deployment_name
 from deployments.streaming import with_deadlines
@@ -148,9 +156,13 @@ class ChatService:
         limit = min(limits.max_images, model.max_images)
         if len(parts) > limit:
             raise InvalidRequest(f"{len(parts)} images exceed the limit of {limit} per request for model {model.name}")
-        return tuple(
-            await asyncio.gather(*(load_image(p.image_url.url, i, limits) for i, p in enumerate(parts, start=1)))
-        )
+        try:
+            return tuple(
+                await asyncio.gather(*(load_image(p.image_url.url, i, limits) for i, p in enumerate(parts, start=1)))
+            )
+        except InvalidRequest:
+            router_metrics().image_decode_failures.inc()
+            raise
 
     @staticmethod
     def _deadlines(body: ChatCompletionRequest, model: ModelConfig) -> Deadlines:
@@ -169,20 +181,38 @@ class ChatService:
 
     async def deltas(self, prepared: PreparedChat) -> AsyncIterator[Delta]:
         """The model's deltas under the request's deadlines; cancels the replica on early exit."""
+        metrics, tags = router_metrics(), {"model": prepared.model.name}
+        started = last = time.perf_counter()
+        first = True
         response = None
-        finished = False
+        outcome = "cancelled"  # unless the stream finishes or fails: the consumer went away
         try:
             # Inside the try: a full queue raises BackPressureError right here.
             response = self._streams[prepared.model.name].generate.remote(prepared.request)
             async for delta in with_deadlines(response, prepared.deadlines, on_expire=lambda: _cancel(response)):
+                now = time.perf_counter()
+                (metrics.time_to_first_token if first else metrics.inter_token_latency).observe(now - last, tags)
+                first, last = False, now
+                if delta.usage is not None:
+                    metrics.prompt_tokens.inc(delta.usage.prompt_tokens, tags)
+                    metrics.generation_tokens.inc(delta.usage.completion_tokens, tags)
                 yield delta
-            finished = True
+            outcome = "finished"
+            metrics.e2e_request_latency.observe(time.perf_counter() - started, tags)
+        except InferenceTimeout as exc:
+            outcome = "failed"
+            metrics.deadline_expirations.inc(tags={**tags, "reason": exc.code})
+            raise
         except ServeError:
+            outcome = "failed"
             raise
         except Exception as exc:
+            outcome = "failed"
             raise as_serve_error(exc) from exc
         finally:
-            if response is not None and not finished:  # consumer gone, deadline or error: stop the engine
+            if outcome == "cancelled":
+                metrics.cancellations.inc(tags=tags)
+            if response is not None and outcome != "finished":  # stop the engine too
                 _cancel(response)
 
     async def stream(self, prepared: PreparedChat, completion_id: str) -> AsyncIterator[dict[str, Any]]:

@@ -75,6 +75,7 @@ class ServeApp:
     models_dir: Path
     http: httpx.Client
     http_options: dict[str, Any]
+    metrics_url: str
     apps: dict[str, AppConfig] = field(default_factory=dict)
 
     @property
@@ -140,11 +141,19 @@ def _free_port() -> int:
 def app(models_dir: Path) -> Iterator[ServeApp]:
     http_options = {"host": "127.0.0.1", "port": _free_port()}
     base_url = f"http://127.0.0.1:{http_options['port']}"
+    metrics_port = _free_port()
     # Logical CPUs: the replicas' reservations add up to more than the 2 real cores.
-    ray.init(num_cpus=8, include_dashboard=False, logging_level="WARNING")
+    ray.init(
+        num_cpus=8,
+        include_dashboard=False,
+        logging_level="WARNING",
+        _metrics_export_port=metrics_port,
+        _system_config={"metrics_report_interval_ms": 1000},
+    )
     serve.start(http_options=http_options)
     with httpx.Client(base_url=base_url, timeout=60) as http:
-        served = ServeApp(base_url, models_dir, http, http_options, {APP_NAME: e2e_config(models_dir)})
+        metrics_url = f"http://127.0.0.1:{metrics_port}/metrics"
+        served = ServeApp(base_url, models_dir, http, http_options, metrics_url, {APP_NAME: e2e_config(models_dir)})
         served._deploy()
         yield served
     serve.shutdown()

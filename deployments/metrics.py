@@ -1,0 +1,70 @@
+"""Prometheus metrics through Ray's metrics API, named like vLLM's where the meaning is the same.
+
+Ray exports them with its ``ray_`` prefix from every node's metrics endpoint (vLLM's
+``vllm:time_to_first_token_seconds`` is ours as ``ray_nika_time_to_first_token_seconds``).
+Metric objects must be created inside a Ray worker, so each deployment builds its set once
+per process with :func:`router_metrics` / :func:`replica_metrics`.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+from ray.util.metrics import Counter, Gauge, Histogram
+
+_LATENCY_S = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300]
+_TOKEN_GAP_S = [0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 1, 2.5, 5]
+
+
+@dataclass(frozen=True)
+class RouterMetrics:
+    time_to_first_token: Histogram
+    inter_token_latency: Histogram
+    e2e_request_latency: Histogram
+    prompt_tokens: Counter
+    generation_tokens: Counter
+    deadline_expirations: Counter
+    cancellations: Counter
+    rejected_requests: Counter
+    image_decode_failures: Counter
+
+
+@dataclass(frozen=True)
+class ReplicaMetrics:
+    requests_running: Gauge
+    requests_waiting: Gauge
+
+
+@functools.cache
+def router_metrics() -> RouterMetrics:
+    model = ("model",)
+    return RouterMetrics(
+        time_to_first_token=Histogram(
+            "nika_time_to_first_token_seconds", "Time to the first token, queueing included.", _LATENCY_S, model
+        ),
+        inter_token_latency=Histogram(
+            "nika_inter_token_latency_seconds", "Time between consecutive chunks of a stream.", _TOKEN_GAP_S, model
+        ),
+        e2e_request_latency=Histogram(
+            "nika_e2e_request_latency_seconds", "Time from the request to its last token.", _LATENCY_S, model
+        ),
+        prompt_tokens=Counter("nika_prompt_tokens_total", "Prompt tokens processed.", model),
+        generation_tokens=Counter("nika_generation_tokens_total", "Tokens generated.", model),
+        deadline_expirations=Counter(
+            "nika_deadline_expirations_total", "Requests ended by a deadline, by which one.", ("model", "reason")
+        ),
+        cancellations=Counter("nika_cancellations_total", "Requests cancelled or abandoned by the client.", model),
+        rejected_requests=Counter(
+            "nika_rejected_requests_total", "HTTP requests refused (4xx, 503), by error code.", ("cause",)
+        ),
+        image_decode_failures=Counter("nika_image_decode_failures_total", "Images refused by the router."),
+    )
+
+
+@functools.cache
+def replica_metrics() -> ReplicaMetrics:
+    return ReplicaMetrics(
+        requests_running=Gauge("nika_num_requests_running", "Generations running in the engine.", ("model",)),
+        requests_waiting=Gauge("nika_num_requests_waiting", "Requests in a replica waiting for its engine.", ("model",)),
+    )
