@@ -22,6 +22,8 @@ DEFAULT_STALL_TIMEOUT_S = 60.0
 DEFAULT_MODEL_MAX_ONGOING_REQUESTS = {"gguf": 4, "vision": 32}
 DEFAULT_MODEL_MAX_QUEUED_REQUESTS = 64
 DEFAULT_ROUTER_MAX_ONGOING_REQUESTS = 256
+DEFAULT_ROUTER_MAX_QUEUED_REQUESTS = 1024
+RETRY_AFTER_S = 1
 # A model that fails to load fails fast (its reason shows in serve status and /v1/models),
 # instead of Serve's default 20 attempts.
 DEFAULT_MODEL_MAX_CONSTRUCTOR_RETRY_COUNT = 3

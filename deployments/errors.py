@@ -12,6 +12,8 @@ from __future__ import annotations
 import asyncio
 from typing import Any, ClassVar
 
+from deployments.constants import RETRY_AFTER_S
+
 
 class ServeError(Exception):
     """Base of all errors the service reports to clients."""
@@ -83,10 +85,8 @@ class Overloaded(ServeError):
     status_code = 503
     error_type = "service_unavailable"
     default_code = "overloaded"
-    retry_after_s: ClassVar[int] = 1
-
     def headers(self) -> dict[str, str]:
-        return {"Retry-After": str(self.retry_after_s)}
+        return {"Retry-After": str(RETRY_AFTER_S)}
 
 
 class InferenceFailed(ServeError):

@@ -82,12 +82,13 @@ async def _sse(first: dict[str, Any], chunks: AsyncIterator[dict[str, Any]]) -> 
 def router_deployment_options(config: RouterConfig) -> dict[str, Any]:
     """Serve options of the router: its config over the router defaults.
 
-    The router only awaits I/O, so one replica holds many requests; the model deployments'
-    queues are the bounded ones.
+    The router only awaits I/O, so one replica holds many requests. Its queue at the HTTP
+    proxy is bounded too: past it, the proxy answers 503 with ``Retry-After``.
     """
     defaults = {
         "max_ongoing_requests": C.DEFAULT_ROUTER_MAX_ONGOING_REQUESTS,
-        "max_queued_requests": -1,
+        "max_queued_requests": C.DEFAULT_ROUTER_MAX_QUEUED_REQUESTS,
+        "backpressure_config": {"status_code": 503, "retry_after_s": C.RETRY_AFTER_S},
         "ray_actor_options": {"num_cpus": 0.5},
     }
     return config.deployment.serve_options(defaults)

@@ -15,6 +15,7 @@ import openai
 import pytest
 import ray
 from ray import serve
+from ray.cluster_utils import Cluster
 from ray.serve.context import _get_global_client
 from ray.serve.schema import ServeApplicationSchema, ServeDeploySchema
 
@@ -75,7 +76,7 @@ class ServeApp:
     models_dir: Path
     http: httpx.Client
     http_options: dict[str, Any]
-    metrics_url: str
+    metrics_urls: list[str]
     apps: dict[str, AppConfig] = field(default_factory=dict)
 
     @property
@@ -105,7 +106,8 @@ class ServeApp:
             )
             for name, config in self.apps.items()
         ]
-        _get_global_client().deploy_apps(ServeDeploySchema(http_options=self.http_options, applications=apps))
+        schema = ServeDeploySchema(proxy_location="HeadOnly", http_options=self.http_options, applications=apps)
+        _get_global_client().deploy_apps(schema)
         poll(lambda: self._settled(may_fail), DEPLOY_TIMEOUT_S, f"apps {sorted(self.apps)} to run")
 
     def _settled(self, may_fail: frozenset[str]) -> bool:
@@ -141,23 +143,33 @@ def _free_port() -> int:
 def app(models_dir: Path) -> Iterator[ServeApp]:
     http_options = {"host": "127.0.0.1", "port": _free_port()}
     base_url = f"http://127.0.0.1:{http_options['port']}"
-    metrics_port = _free_port()
-    # Logical CPUs: the replicas' reservations add up to more than the 2 real cores.
-    ray.init(
-        num_cpus=8,
-        include_dashboard=False,
-        logging_level="WARNING",
-        _metrics_export_port=metrics_port,
-        _system_config={"metrics_report_interval_ms": 1000},
+    # One multi-node Ray cluster for the whole session, inside this machine: a head, a CPU worker
+    # (custom resource cpu_node) and a worker standing in for GPU nodes (gpu_node). Logical CPUs:
+    # the replicas' reservations add up to more than the 2 real cores.
+    metrics_ports = [_free_port() for _ in range(3)]
+    cluster = Cluster(
+        initialize_head=True,
+        head_node_args={
+            "num_cpus": 8,
+            "resources": {"head_node": 1},
+            "include_dashboard": False,
+            "metrics_export_port": metrics_ports[0],
+            "object_store_memory": 512 * 2**20,
+            "_system_config": {"metrics_report_interval_ms": 1000},
+        },
     )
-    serve.start(http_options=http_options)
+    cluster.add_node(num_cpus=3, resources={"cpu_node": 4}, metrics_export_port=metrics_ports[1])
+    cluster.add_node(num_cpus=3, resources={"gpu_node": 4}, metrics_export_port=metrics_ports[2])
+    ray.init(address=cluster.address, logging_level="WARNING")
+    serve.start(proxy_location="HeadOnly", http_options=http_options)
     with httpx.Client(base_url=base_url, timeout=60) as http:
-        metrics_url = f"http://127.0.0.1:{metrics_port}/metrics"
-        served = ServeApp(base_url, models_dir, http, http_options, metrics_url, {APP_NAME: e2e_config(models_dir)})
+        metrics_urls = [f"http://127.0.0.1:{port}/metrics" for port in metrics_ports]
+        served = ServeApp(base_url, models_dir, http, http_options, metrics_urls, {APP_NAME: e2e_config(models_dir)})
         served._deploy()
         yield served
     serve.shutdown()
     ray.shutdown()
+    cluster.shutdown()
 
 
 @pytest.fixture

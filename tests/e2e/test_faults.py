@@ -16,7 +16,7 @@ from ray import serve
 from deployments.config import AppConfig
 from tests.e2e.conftest import ServeApp, chat, e2e_config, poll
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 LONG = {"max_tokens": 1500, "ignore_eos": True}
 

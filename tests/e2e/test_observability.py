@@ -56,7 +56,8 @@ def test_prometheus_metrics_after_real_traffic(app: ServeApp) -> None:
     assert app.http.post("/v1/chat/completions", json=chat("vision", messages=bad_image)).status_code == 400
 
     def exported() -> bool:
-        text = httpx.get(app.metrics_url, timeout=10).text
+        # Each node exports the metrics of the replicas it runs.
+        text = "\n".join(httpx.get(url, timeout=10).text for url in app.metrics_urls)
         return (
             metric(text, "ray_nika_time_to_first_token_seconds_count", model="tiny") >= 1
             and metric(text, "ray_nika_inter_token_latency_seconds_count", model="tiny") >= 7

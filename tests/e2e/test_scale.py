@@ -19,6 +19,7 @@ def running_replicas(app: str, deployment: str) -> int:
     return state.replica_states.get("RUNNING", 0)
 
 
+@pytest.mark.slow
 def test_a_model_scales_up_under_load_and_back_down(app: ServeApp) -> None:
     autoscaling = {
         "autoscaling_config": {
@@ -80,6 +81,7 @@ def test_64_concurrent_streams_each_equal_their_solo_result(app: ServeApp) -> No
     assert not mismatched, f"streams differ from their solo runs (lost, duplicated or crossed chunks): {mismatched}"
 
 
+@pytest.mark.slow
 def test_removing_an_app_drains_its_in_flight_streams(app: ServeApp) -> None:
     config = e2e_config(
         app.models_dir,

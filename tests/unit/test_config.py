@@ -103,7 +103,8 @@ def test_partial_deployment_options_keep_each_deployments_own_defaults(models_di
     router = app._bound_deployment
     assert router.num_replicas == 3
     assert router.max_ongoing_requests == 256
-    assert router._deployment_config.max_queued_requests == -1
+    assert router._deployment_config.max_queued_requests == 1024  # bounded: the proxy answers 503 past it
+    assert router._deployment_config.backpressure_config.retry_after_s == 1
     replica = router.init_args[1]["m"]._bound_deployment
     assert replica.num_replicas == 2
     assert replica.max_ongoing_requests == 4
