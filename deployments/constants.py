@@ -34,7 +34,7 @@ MODEL_INFO_TIMEOUT_S = 5.0
 # Request limits (images are inline, so bodies can be large).
 DEFAULT_MAX_BODY_BYTES = 64 * 2**20
 DEFAULT_MAX_MESSAGES = 256
-DEFAULT_MAX_STOP_SEQUENCES = 4
+MAX_STOP_SEQUENCES = 4  # OpenAI's limit
 
 # Vision.
 DEFAULT_KV_CACHE_BYTES = 256 * 2**20

@@ -12,6 +12,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, field_validator
 
+from deployments import constants as C
 from deployments.engines.base import Delta, ModelInfo, Usage
 
 
@@ -88,8 +89,8 @@ class ChatCompletionRequest(_Strict):
     @classmethod
     def _stop_list(cls, value: str | list[str] | None) -> list[str]:
         stops = [value] if isinstance(value, str) else list(value or [])
-        if len(stops) > 4 or any(not s for s in stops):
-            raise ValueError("stop takes at most 4 non-empty strings")
+        if len(stops) > C.MAX_STOP_SEQUENCES or any(not s for s in stops):
+            raise ValueError(f"stop takes at most {C.MAX_STOP_SEQUENCES} non-empty strings")
         return stops
 
     @property

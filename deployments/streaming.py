@@ -47,16 +47,15 @@ async def with_deadlines(
 ) -> AsyncIterator[T]:
     """Yield from ``stream`` under ``deadlines``; raise ``InferenceTimeout`` when one fires."""
     loop = asyncio.get_running_loop()
-    started = loop.time()
-    request_at = started + deadlines.request_timeout_s if deadlines.request_timeout_s else None
+    total_s = deadlines.request_timeout_s
+    request_at = loop.time() + total_s if total_s else None
     idle_kind, idle_s = DeadlineKind.FIRST_CHUNK, deadlines.first_chunk_timeout_s
-    while True:
-        now = loop.time()
-        # The tightest applicable deadline, as an absolute time.
-        candidates = [(now + idle_s, idle_kind, idle_s)] if idle_s else []
-        if request_at is not None:
-            candidates.append((request_at, DeadlineKind.REQUEST, deadlines.request_timeout_s))
-        expires_at, kind, seconds = min(candidates, key=lambda c: c[0]) if candidates else (None, None, None)
+    while True:  # per chunk: only the idle deadline moves; pick the nearer of the two
+        idle_at = loop.time() + idle_s if idle_s else None
+        if idle_at is not None and (request_at is None or idle_at < request_at):
+            expires_at, kind, seconds = idle_at, idle_kind, idle_s
+        else:
+            expires_at, kind, seconds = request_at, DeadlineKind.REQUEST, total_s
         timer = asyncio.timeout_at(expires_at)
         try:
             async with timer:

@@ -225,5 +225,3 @@ class VLLMEngine(Engine):
         except EngineGenerateError as exc:
             cause = exc.__cause__ or exc
             raise InferenceFailed(f"vLLM failed: {type(cause).__name__}: {cause}") from None
-        except asyncio.CancelledError:
-            raise
