@@ -27,7 +27,7 @@ GPU := $(shell nvidia-smi -L >/dev/null 2>&1 && echo yes)
 VISION_EXTRA := $(if $(GPU),vision-gpu,vision-cpu)
 CUDA_ONLY_WHEELS := torchvision torchaudio torchcodec
 
-.PHONY: install models serve test clean
+.PHONY: install models serve test bench clean
 
 install: $(INSTALLED)
 
@@ -41,7 +41,7 @@ $(LLAMA_WHEEL):
 $(INSTALLED): pyproject.toml $(LLAMA_WHEEL)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install $(PIP_INSTALL_ARGS) --find-links $(LLAMA_WHEEL_DIR) --only-binary llama-cpp-python \
-		-e '.[dev,$(VISION_EXTRA)]'
+		-e '.[dev,bench,$(VISION_EXTRA)]'
 	$(if $(GPU),,$(PY) -m pip uninstall -y $(CUDA_ONLY_WHEELS))
 	touch $@
 
@@ -56,6 +56,10 @@ serve: install models
 
 test: install models
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# Every comparison in benchmarks/ (README there); results go to benchmarks/results/.
+bench: install models
+	$(PY) -m benchmarks $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) models .pytest_cache

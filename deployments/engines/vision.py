@@ -103,9 +103,8 @@ class VLLMEngine(Engine):
         self._engine: Any = None
         self._tokenizer: Any = None
 
-    def engine_args(self) -> Any:
-        from vllm import AsyncEngineArgs
-
+    def engine_kwargs(self) -> dict[str, Any]:
+        """vLLM engine arguments of this model (also what a benchmark gives vLLM's own server)."""
         cfg = self.config
         args: dict[str, Any] = {
             "model": str(cfg.path),
@@ -121,7 +120,12 @@ class VLLMEngine(Engine):
             # CPU: no CUDA graphs, and an explicit KV-cache size (vLLM otherwise sizes it from
             # the NUMA node's free memory and refuses to start on small nodes).
             args |= {"enforce_eager": True, "kv_cache_memory_bytes": cfg.kv_cache_bytes}
-        return AsyncEngineArgs(**args)
+        return args
+
+    def engine_args(self) -> Any:
+        from vllm import AsyncEngineArgs
+
+        return AsyncEngineArgs(**self.engine_kwargs())
 
     # -- lifecycle ---------------------------------------------------------------------
 

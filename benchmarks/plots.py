@@ -1,0 +1,114 @@
+"""One PNG per comparison, drawn from its JSON result (``python -m benchmarks.plots`` redraws all)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+
+RESULTS_DIR = Path(__file__).parent / "results"
+
+
+def _bars(ax: Any, labels: list[str], values: list[float], title: str, unit: str) -> None:
+    bars = ax.bar(labels, values, color=["#999999", "#1f77b4", "#ff7f0e", "#2ca02c"][: len(values)])
+    ax.bar_label(bars, fmt="%.1f")
+    ax.set_title(title)
+    ax.set_ylabel(unit)
+
+
+def overhead(result: dict[str, Any], ax: list[Any]) -> None:
+    systems = result["systems"]
+    labels = list(systems)
+    _bars(ax[0], labels, [result["stream_tok_s"][s] for s in labels], "stream throughput (1 / TPOT p50)", "tokens/s")
+    _bars(ax[1], labels, [systems[s]["ttft_ms"]["p50"] for s in labels], "time to first token, p50", "ms")
+    r = result["ratios"]
+    ax[0].set_xlabel(f"ratio {r['stream_throughput_ratio']:.3f} (target >= 0.97)")
+    ax[1].set_xlabel(f"added {r['added_ttft_p50_ms']:.2f} ms (target <= 5)")
+
+
+def _sweep(result: dict[str, Any], ax: list[Any]) -> None:
+    for name, system in result["systems"].items():
+        levels = system["concurrency"]
+        c = [int(k) for k in levels]
+        ax[0].plot(c, [levels[k]["output_tok_s"] for k in levels], marker="o", label=name)
+        ax[1].plot(
+            c, [levels[k]["ttft_ms"]["p50"] if levels[k]["ttft_ms"] else None for k in levels], marker="o", label=name
+        )
+        ax[2].plot(c, [levels[k]["truncated"] + levels[k]["errors"] for k in levels], marker="o", label=name)
+    for a, (title, unit) in zip(
+        ax,
+        [
+            ("aggregate output tokens/s", "tokens/s"),
+            ("time to first token, p50", "ms"),
+            ("truncated or failed", "requests"),
+        ],
+        strict=True,
+    ):
+        a.set_title(title)
+        a.set_ylabel(unit)
+        a.set_xlabel("concurrency")
+        a.set_xticks(c)
+    ax[0].legend(fontsize=7)
+
+
+def deadline_accuracy(result: dict[str, Any], ax: list[Any]) -> None:
+    for deadline, r in result["deadlines"].items():
+        ax[0].scatter([int(deadline)] * len(r["gap_ms"]), r["gap_ms"], alpha=0.6)
+    d = [int(k) for k in result["deadlines"]]
+    ax[0].plot(d, d, "k--", label="deadline")
+    ax[0].fill_between(d, [x - 50 for x in d], [x + 50 for x in d], color="green", alpha=0.1, label="±50 ms target")
+    ax[0].set_title("last chunk -> error event on a stalled stream")
+    ax[0].set_xlabel("chunk deadline (ms)")
+    ax[0].set_ylabel("measured (ms)")
+    ax[0].legend()
+
+
+def cancellation(result: dict[str, Any], ax: list[Any]) -> None:
+    engines = result["engines"]
+    names = list(engines)
+    x = range(len(names))
+    ax[0].bar(
+        [i - 0.2 for i in x],
+        [engines[n]["median_cancel_ms"] for n in names],
+        0.4,
+        label="disconnect -> engine stop (p50)",
+    )
+    ax[0].bar([i + 0.2 for i in x], [engines[n]["token_ms"] for n in names], 0.4, label="one token (p50)")
+    ax[0].set_xticks(list(x), names)
+    ax[0].set_ylabel("ms")
+    ax[0].set_title("cancellation latency")
+    ax[0].legend()
+
+
+PLOTS = {
+    "overhead": (overhead, 2),
+    "gguf_serving": (_sweep, 3),
+    "vision_serving": (_sweep, 3),
+    "deadline_accuracy": (deadline_accuracy, 1),
+    "cancellation": (cancellation, 1),
+}
+
+
+def plot(name: str, result: dict[str, Any], results_dir: Path = RESULTS_DIR) -> Path:
+    draw, panels = PLOTS[name]
+    fig, ax = plt.subplots(1, panels, figsize=(5 * panels, 4), squeeze=False)
+    draw(result, list(ax[0]))
+    fig.suptitle(result["comparison"])
+    fig.tight_layout()
+    path = results_dir / f"{name}.png"
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+if __name__ == "__main__":
+    for name in sys.argv[1:] or PLOTS:
+        file = RESULTS_DIR / f"{name}.json"
+        if file.exists():
+            print(plot(name, json.loads(file.read_text())))

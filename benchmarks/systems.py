@@ -1,0 +1,164 @@
+"""The systems under test, each started on this machine from the same model config.
+
+- :class:`OurStack`: this project on Ray Serve (HTTP proxy -> router -> model replica), one
+  Ray instance for the whole run, one app deployed per comparison.
+- :func:`llama_cpp_server` / :func:`vllm_server`: the peers, as subprocesses, given the settings
+  our engines derive from the same :class:`~deployments.config.ModelConfig`, so both sides run
+  the same model with the same threads, context, KV cache and dtype.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from deployments.app import build_app
+from deployments.config import AppConfig, GGUFModelConfig, VisionModelConfig
+from deployments.engines.vision import VLLMEngine, replica_env
+from deployments.replica import deployment_name
+
+APP_NAME = "bench"
+STARTUP_TIMEOUT_S = 300
+LOG_DIR = Path(__file__).parent / ".logs"
+
+
+def wait_until_ready(base_url: str, timeout_s: float, process: subprocess.Popen[bytes] | None = None) -> None:
+    """Poll ``/v1/models`` until it answers 200 with every model loaded (or the process dies)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if process is not None and process.poll() is not None:
+            raise RuntimeError(f"server exited with {process.returncode} before it was ready; see {LOG_DIR}")
+        try:
+            response = httpx.get(f"{base_url}/v1/models", timeout=5)
+            models = response.json().get("data", []) if response.status_code == 200 else []
+            if models and all(m.get("status", "loaded") == "loaded" for m in models):
+                return
+        except (httpx.HTTPError, ValueError):
+            pass
+        time.sleep(0.5)
+    raise TimeoutError(f"{base_url} not ready within {timeout_s:g}s")
+
+
+@contextmanager
+def server_process(name: str, command: list[str], port: int, env: dict[str, str] | None = None) -> Iterator[str]:
+    """Run a peer server until the block ends; its log goes to ``benchmarks/.logs/<name>.log``."""
+    LOG_DIR.mkdir(exist_ok=True)
+    log = (LOG_DIR / f"{name}.log").open("wb")
+    process = subprocess.Popen(
+        command, stdout=log, stderr=subprocess.STDOUT, env=os.environ | (env or {}), start_new_session=True
+    )
+    base_url = f"http://127.0.0.1:{port}"
+    try:
+        wait_until_ready(base_url, STARTUP_TIMEOUT_S, process)
+        yield base_url
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGTERM)
+            try:
+                process.wait(30)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait()
+        log.close()
+
+
+def gguf_threads(model: GGUFModelConfig) -> int:
+    """The threads our llama.cpp replica runs with: its config, else its CPUs."""
+    cpus = (model.deployment.ray_actor_options or {}).get("num_cpus", 1)
+    return model.n_threads or max(1, int(cpus))
+
+
+def llama_cpp_server(model: GGUFModelConfig, port: int, interrupt_requests: bool) -> Any:
+    """``python -m llama_cpp.server`` on our model's file and settings."""
+    command = [
+        sys.executable, "-m", "llama_cpp.server",
+        "--model", str(model.path),
+        "--n_ctx", str(model.context_size),
+        "--n_threads", str(gguf_threads(model)),
+        "--n_gpu_layers", str(model.gpu_layers),
+        "--host", "127.0.0.1", "--port", str(port),
+        "--interrupt_requests", str(interrupt_requests),
+    ]  # fmt: skip
+    name = "llama_cpp_server" + ("" if interrupt_requests else "_serialized")
+    return server_process(name, command, port)
+
+
+def vllm_server(model: VisionModelConfig, port: int, cache_dir: Path) -> Any:
+    """vLLM's own OpenAI server with the engine arguments and environment of our vLLM replica."""
+    kwargs = VLLMEngine(model).engine_kwargs()
+    kwargs.pop("worker_extension_cls")  # our replica's health/inspection hooks
+    command = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--host", "127.0.0.1", "--port", str(port)]
+    command += ["--served-model-name", model.name]
+    for key, value in kwargs.items():
+        flag = "--" + key.replace("_", "-")
+        if value is None or value is False:
+            continue
+        command += [flag] if value is True else [flag, json.dumps(value) if isinstance(value, dict) else str(value)]
+    return server_process("vllm_server", command, port, env=replica_env(model, cache_dir))
+
+
+class OurStack:
+    """One local Ray instance (or an existing cluster) with Serve's HTTP proxy on ``port``."""
+
+    def __init__(self, port: int, ray_address: str | None, num_cpus: int) -> None:
+        self.port = port
+        self._ray_address = ray_address
+        self._num_cpus = num_cpus
+        self._started = False
+
+    def _start(self) -> None:
+        import ray
+        from ray import serve
+
+        if self._ray_address:
+            ray.init(address=self._ray_address, log_to_driver=False)
+        else:
+            ray.init(num_cpus=self._num_cpus, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
+        serve.start(http_options={"host": "127.0.0.1", "port": self.port})
+        self._started = True
+
+    @contextmanager
+    def app(self, config: AppConfig) -> Iterator[str]:
+        """Deploy ``config`` as the ``bench`` app at ``/`` until the block ends."""
+        from ray import serve
+
+        if not self._started:
+            self._start()
+        serve.run(build_app(config), name=APP_NAME, route_prefix="/")
+        base_url = f"http://127.0.0.1:{self.port}"
+        try:
+            wait_until_ready(base_url, STARTUP_TIMEOUT_S)
+            yield base_url
+        finally:
+            serve.delete(APP_NAME)
+
+    def model_handle(self, model: str) -> Any:
+        from ray import serve
+
+        return serve.get_deployment_handle(deployment_name(model), app_name=APP_NAME)
+
+    def replica_pid(self, model: str) -> int:
+        """The PID of the model's (single) replica actor."""
+        import ray
+
+        prefix = f"SERVE_REPLICA::{APP_NAME}#{deployment_name(model)}#"
+        (name,) = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if a["name"].startswith(prefix)]
+        return ray.get(ray.get_actor(name, namespace="serve").__ray_call__.remote(lambda _: os.getpid()))
+
+    def shutdown(self) -> None:
+        if self._started:
+            import ray
+            from ray import serve
+
+            serve.shutdown()
+            ray.shutdown()
