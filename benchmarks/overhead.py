@@ -34,7 +34,12 @@ def run_raw(model: Any, workload: Workload, n_threads: int, seed: int) -> tuple[
     import llama_cpp
 
     llm = llama_cpp.Llama(
-        model_path=str(model.path), n_ctx=model.context_size, n_threads=n_threads, seed=seed, verbose=False
+        model_path=str(model.path),
+        n_ctx=model.context_size,
+        n_threads=n_threads,
+        n_threads_batch=n_threads,
+        seed=seed,
+        verbose=False,
     )
 
     def one(prompt: str) -> RequestResult:

@@ -24,18 +24,19 @@ def distribution_ms(values_s: Sequence[float]) -> dict[str, float] | None:
 def summarize(results: Sequence[RequestResult], wall_s: float, max_tokens: int) -> dict[str, Any]:
     """Per-run metrics: TTFT, ITL (gap between content chunks), TPOT, e2e, tokens/s, req/s.
 
-    A request is *truncated* when it ended without error but produced fewer than ``max_tokens``
-    tokens (every workload here fixes the output length).
+    Every workload fixes the output length, so a request that streamed tokens but fewer than
+    ``max_tokens`` is *truncated*, whether it ended cleanly or its connection was cut (it then
+    counts as an error too). Tokens/s counts every token received; latencies only complete requests.
     """
     ok = [r for r in results if r.ok]
-    tokens = sum(r.output_tokens for r in ok)
+    tokens = sum(r.output_tokens for r in results)
     tpot = [(r.e2e - r.ttft) / (r.output_tokens - 1) for r in ok if r.ttft is not None and r.output_tokens > 1]
     itl = [b - a for r in ok for a, b in zip(r.chunk_times, r.chunk_times[1:], strict=False)]
     return {
         "requests": len(results),
         "errors": len(results) - len(ok),
         "error_examples": sorted({r.error for r in results if r.error})[:3],
-        "truncated": sum(1 for r in ok if r.output_tokens < max_tokens),
+        "truncated": sum(1 for r in results if r.ttft is not None and r.output_tokens < max_tokens),
         "output_tokens": tokens,
         "output_tokens_per_request": sorted({r.output_tokens for r in ok}),
         "wall_s": round(wall_s, 3),

@@ -28,6 +28,7 @@ from deployments.engines.vision import VLLMEngine, replica_env
 from deployments.replica import deployment_name
 
 APP_NAME = "bench"
+ROUTE_PREFIX = "/bench"  # beside an app already serving at / on a cluster
 STARTUP_TIMEOUT_S = 300
 LOG_DIR = Path(__file__).parent / ".logs"
 
@@ -85,6 +86,7 @@ def llama_cpp_server(model: GGUFModelConfig, port: int, interrupt_requests: bool
         "--model", str(model.path),
         "--n_ctx", str(model.context_size),
         "--n_threads", str(gguf_threads(model)),
+        "--n_threads_batch", str(gguf_threads(model)),
         "--n_gpu_layers", str(model.gpu_layers),
         "--host", "127.0.0.1", "--port", str(port),
         "--interrupt_requests", str(interrupt_requests),
@@ -120,22 +122,22 @@ class OurStack:
         import ray
         from ray import serve
 
-        if self._ray_address:
+        if self._ray_address:  # a running cluster: its Serve proxy is already on `port`
             ray.init(address=self._ray_address, log_to_driver=False)
         else:
             ray.init(num_cpus=self._num_cpus, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
-        serve.start(http_options={"host": "127.0.0.1", "port": self.port})
+            serve.start(http_options={"host": "127.0.0.1", "port": self.port})
         self._started = True
 
     @contextmanager
     def app(self, config: AppConfig) -> Iterator[str]:
-        """Deploy ``config`` as the ``bench`` app at ``/`` until the block ends."""
+        """Deploy ``config`` as the ``bench`` app at ``/bench`` until the block ends."""
         from ray import serve
 
         if not self._started:
             self._start()
-        serve.run(build_app(config), name=APP_NAME, route_prefix="/")
-        base_url = f"http://127.0.0.1:{self.port}"
+        serve.run(build_app(config), name=APP_NAME, route_prefix=ROUTE_PREFIX)
+        base_url = f"http://127.0.0.1:{self.port}{ROUTE_PREFIX}"
         try:
             wait_until_ready(base_url, STARTUP_TIMEOUT_S)
             yield base_url
@@ -160,5 +162,6 @@ class OurStack:
             import ray
             from ray import serve
 
-            serve.shutdown()
+            if not self._ray_address:  # never shut down a cluster's Serve
+                serve.shutdown()
             ray.shutdown()

@@ -132,11 +132,19 @@ class DeploymentOptions(StrictModel):
             raise ValueError("set either num_replicas or autoscaling_config, not both")
         return self
 
-    def serve_options(self, defaults: dict[str, Any]) -> dict[str, Any]:
-        """Keyword arguments for ``Deployment.options``: what is set here, over ``defaults``."""
+    def serve_options(self, defaults: dict[str, Any], env: dict[str, str] | None = None) -> dict[str, Any]:
+        """Keyword arguments for ``Deployment.options``: what is set here, over ``defaults``.
+
+        ``env`` goes into the replicas' ``runtime_env``; the config's own ``env_vars`` win.
+        """
         options = defaults | self.model_dump(exclude_none=True)
         if "autoscaling_config" in options:
             options.pop("num_replicas", None)
+        if env:
+            actor = dict(options.get("ray_actor_options") or {})
+            runtime_env = dict(actor.get("runtime_env") or {})
+            runtime_env["env_vars"] = env | dict(runtime_env.get("env_vars") or {})
+            options["ray_actor_options"] = actor | {"runtime_env": runtime_env}
         return options
 
 
@@ -162,7 +170,9 @@ class GGUFModelConfig(ModelConfigBase):
     kind: Literal["gguf"] = "gguf"
     path: Path = Field(description="Local GGUF file; relative paths resolve against the working directory.")
     gpu_layers: int = Field(default=0, ge=-1, description="Layers offloaded to the GPU; -1 offloads all.")
-    n_threads: PositiveInt | None = Field(default=None, description="llama.cpp threads (default: the actor's CPUs).")
+    n_threads: PositiveInt | None = Field(
+        default=None, description="llama.cpp threads, generation and prompt processing (default: the actor's CPUs)."
+    )
     seed: int | None = Field(
         default=None, ge=0, description="Sampling seed when a request sets none; unset draws a new one per request."
     )

@@ -51,14 +51,8 @@ def model_deployment_options(model: ModelConfig, cache_dir: Path) -> dict[str, A
         "max_constructor_retry_count": C.DEFAULT_MODEL_MAX_CONSTRUCTOR_RETRY_COUNT,
         "ray_actor_options": {"num_cpus": 1},
     }
-    options = {"user_config": {"loaded": model.loaded}} | model.deployment.serve_options(defaults)
-    env = engine_env(model, cache_dir)
-    if env:  # the config's own env_vars win
-        actor = dict(options["ray_actor_options"])
-        runtime_env = dict(actor.get("runtime_env") or {})
-        runtime_env["env_vars"] = env | dict(runtime_env.get("env_vars") or {})
-        options["ray_actor_options"] = actor | {"runtime_env": runtime_env}
-    return options
+    env = C.SERVE_DATA_PATH_ENV | engine_env(model, cache_dir)
+    return {"user_config": {"loaded": model.loaded}} | model.deployment.serve_options(defaults, env)
 
 
 class ModelReplica:

@@ -91,7 +91,7 @@ def router_deployment_options(config: RouterConfig) -> dict[str, Any]:
         "backpressure_config": {"status_code": 503, "retry_after_s": C.RETRY_AFTER_S},
         "ray_actor_options": {"num_cpus": 0.5},
     }
-    return config.deployment.serve_options(defaults)
+    return config.deployment.serve_options(defaults, C.SERVE_DATA_PATH_ENV)
 
 
 @serve.deployment

@@ -99,7 +99,8 @@ class ChatService:
         self._config = config
         self._models = {m.name: m for m in config.models}
         self._handles = dict(handles)
-        self._streams = {name: h.options(stream=True) for name, h in handles.items()}
+        # Generation streams over Serve's gRPC data path (by value), not one Ray object per chunk.
+        self._streams = {name: h.options(stream=True, _by_reference=False) for name, h in handles.items()}
         self._created = int(time.time())
 
     # -- validation --------------------------------------------------------------------

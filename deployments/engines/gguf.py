@@ -112,12 +112,17 @@ class LlamaCppEngine(Engine):
         from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
         cfg = self.config
+        # Prompt processing too: llama.cpp's default there is every core of the node, which
+        # oversubscribes the CPUs when replicas share a node, and its spinning thread barriers
+        # then stall (measured: 2 replicas on 2 cores ran no faster than 1).
+        threads = cfg.n_threads or _assigned_cpus()
         try:
             llm = llama_cpp.Llama(
                 model_path=str(cfg.path),
                 n_ctx=cfg.context_size,
                 n_gpu_layers=cfg.gpu_layers,
-                n_threads=cfg.n_threads or _assigned_cpus(),
+                n_threads=threads,
+                n_threads_batch=threads,
                 seed=cfg.seed,
                 verbose=False,
             )

@@ -66,7 +66,9 @@ def test_the_config_cli_exits_non_zero_naming_the_field(models_dir: Path, tmp_pa
     config["applications"][0]["args"]["models"][0]["context_size"] = "big"
     bad = tmp_path / "bad.yaml"
     bad.write_text(yaml.safe_dump(config))
-    result = subprocess.run([sys.executable, "-m", "deployments.config", str(bad)], capture_output=True, text=True, cwd=ROOT)
+    result = subprocess.run(
+        [sys.executable, "-m", "deployments.config", str(bad)], capture_output=True, text=True, cwd=ROOT
+    )
     assert result.returncode == 1
     assert "models.0.gguf.context_size" in result.stderr
 
@@ -99,7 +101,9 @@ def test_deployment_options_pass_through_to_serve(models_dir: Path) -> None:
 
 
 def test_partial_deployment_options_keep_each_deployments_own_defaults(models_dir: Path) -> None:
-    app = build_app({"models": [model(models_dir, deployment={"num_replicas": 2})], "router": {"deployment": {"num_replicas": 3}}})
+    app = build_app(
+        {"models": [model(models_dir, deployment={"num_replicas": 2})], "router": {"deployment": {"num_replicas": 3}}}
+    )
     router = app._bound_deployment
     assert router.num_replicas == 3
     assert router.max_ongoing_requests == 256
@@ -149,3 +153,17 @@ def test_vision_replicas_get_their_engine_environment(models_dir: Path) -> None:
     for var in ("TMPDIR", "VLLM_CACHE_ROOT", "TORCHINDUCTOR_CACHE_DIR", "VLLM_RPC_BASE_PATH"):
         assert Path(env[var]).is_absolute() and str(ROOT) in env[var]
     assert replica.max_ongoing_requests == 32  # vLLM batches
+
+
+def test_every_deployment_streams_on_serve_data_path_and_config_env_wins(models_dir: Path) -> None:
+    from deployments.constants import SERVE_DATA_PATH_ENV
+
+    own = {"ray_actor_options": {"runtime_env": {"env_vars": {"RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "1"}}}}
+    gguf = {"name": "g", "kind": "gguf", "path": str(models_dir / "tiny-llama-Q4_K_M.gguf"), "deployment": own}
+    router = build_app({"models": [gguf, vision(models_dir)]})._bound_deployment
+    replicas = {name: app._bound_deployment for name, app in router.init_args[1].items()}
+    for deployment in (router, *replicas.values()):
+        env = deployment.ray_actor_options["runtime_env"]["env_vars"]
+        assert env["RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD"] == "0"
+    assert replicas["g"].ray_actor_options["runtime_env"]["env_vars"]["RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP"] == "1"
+    assert replicas["v"].ray_actor_options["runtime_env"]["env_vars"].items() >= SERVE_DATA_PATH_ENV.items()
