@@ -51,7 +51,7 @@ def model_deployment_options(model: ModelConfig, cache_dir: Path) -> dict[str, A
         "max_constructor_retry_count": C.DEFAULT_MODEL_MAX_CONSTRUCTOR_RETRY_COUNT,
         "ray_actor_options": {"num_cpus": 1},
     }
-    env = C.SERVE_DATA_PATH_ENV | engine_env(model, cache_dir)
+    env = engine_env(model, cache_dir)
     return {"user_config": {"loaded": model.loaded}} | model.deployment.serve_options(defaults, env)
 
 
