@@ -46,7 +46,8 @@ def run(ctx: BenchContext) -> dict[str, Any]:
                 ours["output_tok_s"], systems[PEER]["concurrency"][top]["output_tok_s"]
             ),
             "ours_truncated_or_failed": truncated,
-            f"peer_default_truncated_c{top}": systems[PEER]["concurrency"][top]["truncated"],
+            f"peer_default_cut_or_failed_c{top}": systems[PEER]["concurrency"][top]["truncated"]
+            + systems[PEER]["concurrency"][top]["errors"],
         },
         "targets": {
             f"throughput >= 1.8 x serialized peer (c={top})": bool(
