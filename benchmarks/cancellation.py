@@ -17,7 +17,6 @@ import numpy as np
 from tqdm import tqdm
 
 from benchmarks.context import BenchContext
-from benchmarks.deadline_accuracy import wait_idle
 from benchmarks.systems import OurStack
 from benchmarks.workloads import Workload, image_data_url, prompts
 
@@ -47,7 +46,7 @@ async def disconnect_mid_stream(ours: OurStack, base_url: str, payload: dict[str
         if not info.active_generations:
             stopped = time.perf_counter()
             break
-    await wait_idle(ours, payload["model"])
+    await ours.wait_idle(payload["model"])
     return {
         "cancel_ms": (stopped - disconnected) * 1e3,
         "token_ms": float(np.median(np.diff(times))) * 1e3,

@@ -49,17 +49,7 @@ async def stalled_stream(ours: OurStack, base_url: str, payload: dict[str, Any],
         return {"code": None, "gap_ms": None, "chunks": chunks}
     finally:
         os.kill(pid, signal.SIGCONT)
-        await wait_idle(ours, payload["model"])
-
-
-async def wait_idle(ours: OurStack, model: str, timeout_s: float = 30) -> None:
-    """Until the engine reports no generation (the cancelled one has stopped)."""
-    handle = ours.model_handle(model)
-    deadline = time.monotonic() + timeout_s
-    while (await handle.info.remote()).active_generations:
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"model {model} still generating {timeout_s}s after its request ended")
-        await asyncio.sleep(0.005)
+        await ours.wait_idle(payload["model"])
 
 
 def run(ctx: BenchContext) -> dict[str, Any]:

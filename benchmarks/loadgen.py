@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -38,11 +38,7 @@ class RequestResult:
         return self.error is None and self.e2e is not None
 
 
-async def stream_chat(
-    client: httpx.AsyncClient,
-    payload: dict[str, Any],
-    on_chunk: Callable[[RequestResult], None] | None = None,
-) -> RequestResult:
+async def stream_chat(client: httpx.AsyncClient, payload: dict[str, Any]) -> RequestResult:
     """Send one streaming chat request and time it; errors are recorded, never raised."""
     started = time.perf_counter()
     result = RequestResult(started=started)
@@ -70,8 +66,6 @@ async def stream_chat(
                             result.ttft = now
                         result.chunk_times.append(now)
                         chunks += 1
-                        if on_chunk is not None:
-                            on_chunk(result)
                     result.finish_reason = choice.get("finish_reason") or result.finish_reason
         result.e2e = time.perf_counter() - started
     except (httpx.HTTPError, json.JSONDecodeError) as exc:

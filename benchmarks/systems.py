@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
@@ -148,6 +149,15 @@ class OurStack:
         from ray import serve
 
         return serve.get_deployment_handle(deployment_name(model), app_name=APP_NAME)
+
+    async def wait_idle(self, model: str, timeout_s: float = 30) -> None:
+        """Until the model's engine reports no generation (a cancelled one has stopped)."""
+        handle = self.model_handle(model)
+        deadline = time.monotonic() + timeout_s
+        while (await handle.info.remote()).active_generations:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"model {model} still generating {timeout_s}s after its request ended")
+            await asyncio.sleep(0.005)
 
     def replica_pid(self, model: str) -> int:
         """The PID of the model's (single) replica actor."""

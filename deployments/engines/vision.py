@@ -122,18 +122,14 @@ class VLLMEngine(Engine):
             args |= {"enforce_eager": True, "kv_cache_memory_bytes": cfg.kv_cache_bytes}
         return args
 
-    def engine_args(self) -> Any:
-        from vllm import AsyncEngineArgs
-
-        return AsyncEngineArgs(**self.engine_kwargs())
-
     # -- lifecycle ---------------------------------------------------------------------
 
     async def load(self) -> None:
+        from vllm import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
 
         try:
-            self._engine = AsyncLLM.from_engine_args(self.engine_args())
+            self._engine = AsyncLLM.from_engine_args(AsyncEngineArgs(**self.engine_kwargs()))
             self._tokenizer = self._engine.get_tokenizer()
         except Exception as exc:
             raise InferenceFailed(
@@ -169,7 +165,9 @@ class VLLMEngine(Engine):
         try:
             await asyncio.wait_for(self._engine.collective_rpc("ping"), timeout_s)
         except TimeoutError:
-            raise RuntimeError(f"vLLM engine of model {self.config.name} did not answer within {timeout_s:g}s") from None
+            raise RuntimeError(
+                f"vLLM engine of model {self.config.name} did not answer within {timeout_s:g}s"
+            ) from None
 
     async def layer_types(self) -> dict[str, int]:
         """vLLM's layer methods in the loaded model (``Fp8...LinearMethod`` when ISQ applied)."""
@@ -182,7 +180,9 @@ class VLLMEngine(Engine):
 
     def _prompt(self, request: GenerationRequest) -> dict[str, Any]:
         try:
-            text = self._tokenizer.apply_chat_template(list(request.messages), add_generation_prompt=True, tokenize=False)
+            text = self._tokenizer.apply_chat_template(
+                list(request.messages), add_generation_prompt=True, tokenize=False
+            )
         except Exception as exc:
             raise InvalidRequest(f"the messages do not fit the model's chat template: {exc}") from None
         prompt: dict[str, Any] = {"prompt": text}
