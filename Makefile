@@ -27,6 +27,10 @@ GPU := $(shell nvidia-smi -L >/dev/null 2>&1 && echo yes)
 VISION_EXTRA := $(if $(GPU),vision-gpu,vision-cpu)
 CUDA_ONLY_WHEELS := torchvision torchaudio torchcodec
 
+# Environment of the Ray that `serve run`, the tests and the benchmarks start: deployments/constants.py
+# CLUSTER_ENV says why (tests/unit/test_cluster_files.py keeps this copy equal to it).
+export RAY_SERVE_PROXY_USE_GRPC := 1
+
 .PHONY: install models serve test bench clean
 
 install: $(INSTALLED)

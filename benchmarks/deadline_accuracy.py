@@ -1,5 +1,5 @@
 """Comparison 4: deadline accuracy. A stream under a chunk deadline of 50, 100 or 200 ms is
-stalled for real (the llama.cpp replica's process is stopped with SIGSTOP after a few tokens);
+stalled for real (the llama.cpp replica's process is stopped with SIGSTOP after a few chunks);
 the client measures the time from the last content chunk to the error event.
 """
 
@@ -23,11 +23,11 @@ from benchmarks.workloads import Workload, prompts
 NAME = "deadline_accuracy"
 DEADLINES_MS = (50, 100, 200)
 TARGET_ERROR_MS = 50.0
-TOKENS_BEFORE_STALL = 5
+CHUNKS_BEFORE_STALL = 5
 
 
 async def stalled_stream(ours: OurStack, base_url: str, payload: dict[str, Any], pid: int) -> dict[str, Any]:
-    """Stream until a few tokens arrived, stop the replica, time the deadline's error event."""
+    """Stream until a few chunks arrived, stop the replica, time the deadline's error event."""
     last_chunk = None
     chunks = 0
     try:
@@ -44,7 +44,7 @@ async def stalled_stream(ours: OurStack, base_url: str, payload: dict[str, Any],
                     return {"code": data["error"]["code"], "gap_ms": (now - last_chunk) * 1e3, "chunks": chunks}
                 chunks += 1
                 last_chunk = now
-                if chunks == TOKENS_BEFORE_STALL:
+                if chunks == CHUNKS_BEFORE_STALL:
                     os.kill(pid, signal.SIGSTOP)
         return {"code": None, "gap_ms": None, "chunks": chunks}
     finally:

@@ -25,7 +25,9 @@ TARGET_THROUGHPUT_RATIO = 0.97
 TARGET_ADDED_TTFT_MS = 5.0
 
 
-def run_raw(model: Any, workload: Workload, n_threads: int, seed: int) -> tuple[list[RequestResult], float]:
+def run_raw(
+    model: Any, workload: Workload, n_threads: int, seed: int, progress: bool = True
+) -> tuple[list[RequestResult], float]:
     """llama-cpp-python in this process: create_chat_completion(stream=True), EOS biased away.
 
     It streams one chunk per token (the demo vocabulary has no partial-UTF-8 byte tokens), so
@@ -62,7 +64,8 @@ def run_raw(model: Any, workload: Workload, n_threads: int, seed: int) -> tuple[
 
     one(workload.warmup().prompts[0])
     started = time.perf_counter()
-    results = [one(p) for p in tqdm(workload.prompts, desc="raw llama-cpp-python", unit="req", leave=False)]
+    prompts = tqdm(workload.prompts, desc="raw llama-cpp-python", unit="req", leave=False, disable=not progress)
+    results = [one(p) for p in prompts]
     wall = time.perf_counter() - started
     llm.close()
     return results, wall

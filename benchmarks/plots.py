@@ -54,6 +54,8 @@ def _sweep(result: dict[str, Any], ax: list[Any]) -> None:
         a.set_ylabel(unit)
         a.set_xlabel("concurrency")
         a.set_xticks(c)
+    if "ceiling" in result:
+        ax[0].axhline(result["ceiling"]["output_tok_s"], color="k", linestyle=":", label="2 raw engines (ceiling)")
     ax[0].legend(fontsize=7)
 
 

@@ -25,6 +25,7 @@ import httpx
 
 from deployments.app import build_app
 from deployments.config import AppConfig, GGUFModelConfig, VisionModelConfig
+from deployments.constants import CLUSTER_ENV
 from deployments.engines.vision import VLLMEngine, replica_env
 from deployments.replica import deployment_name
 
@@ -125,7 +126,8 @@ class OurStack:
 
         if self._ray_address:  # a running cluster: its Serve proxy is already on `port`
             ray.init(address=self._ray_address, log_to_driver=False)
-        else:
+        else:  # a cluster has CLUSTER_ENV from its `ray start`; a local Ray inherits ours
+            os.environ.update(CLUSTER_ENV)
             ray.init(num_cpus=self._num_cpus, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
             serve.start(http_options={"host": "127.0.0.1", "port": self.port})
         self._started = True

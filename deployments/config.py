@@ -159,6 +159,14 @@ class ModelConfigBase(StrictModel):
         description="A replica holding requests without producing a token for this long, or whose engine "
         "does not answer for this long, fails its health check and is restarted by Serve.",
     )
+    stream_interval_s: float = Field(
+        default=C.DEFAULT_STREAM_INTERVAL_S,
+        ge=0.0,
+        le=C.MAX_STREAM_INTERVAL_S,
+        description="After the first token, send at most one chunk per interval, with every token generated "
+        "meanwhile: each chunk costs CPU on every hop, so fast models stream faster in fewer chunks. "
+        "0 sends each token alone. Capped per request at half its chunk deadline.",
+    )
     sampling: SamplingDefaults = SamplingDefaults()
     deadlines: DeadlinePolicy = DeadlinePolicy()
     deployment: DeploymentOptions = DeploymentOptions()

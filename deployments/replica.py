@@ -2,9 +2,10 @@
 
 Load state is Serve's ``user_config`` (``{"loaded": bool}``): changing it reconfigures
 every replica of the model, including replicas that autoscaling starts later, without
-restarting them. Generation streams engine deltas back through a Serve streaming handle;
-when the caller cancels the handle response, Serve cancels this task and closing the
-engine stream stops the engine.
+restarting them. Generation streams engine deltas back through a Serve streaming handle,
+coalesced into one chunk per ``stream_interval_s`` while the engine is fast; when the caller
+cancels the handle response, Serve cancels this task and closing the engine stream stops
+the engine.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from deployments.engines import engine_env, engine_for
 from deployments.engines.base import Delta, Engine, GenerationRequest, ModelInfo, ModelStatus
 from deployments.errors import ModelNotLoaded, ServeError
 from deployments.metrics import replica_metrics
+from deployments.streaming import coalesce
 
 logger = logging.getLogger("ray.serve")
 
@@ -117,10 +119,13 @@ class ModelReplica:
         self._report_load()
         try:
             # aclosing: a cancelled task closes the engine stream at once, which stops the engine.
-            async with aclosing(self._engine.generate(request)) as deltas:
-                async for delta in deltas:
+            async with (
+                aclosing(self._engine.generate(request)) as deltas,
+                aclosing(coalesce(deltas, request.stream_interval_s, Delta.join)) as chunks,
+            ):
+                async for chunk in chunks:
                     self._last_progress = time.monotonic()
-                    yield delta
+                    yield chunk
         finally:
             self._in_flight -= 1
             self._report_load()

@@ -33,7 +33,7 @@ from deployments.images import load_image
 from deployments.metrics import router_metrics
 from deployments.protocol import ChatCompletionRequest, ChunkFactory, completion_body, model_card
 from deployments.replica import deployment_name
-from deployments.streaming import with_deadlines
+from deployments.streaming import coalescing_window, with_deadlines
 
 
 def new_request_id() -> str:
@@ -136,6 +136,7 @@ class ChatService:
             seed=body.seed,
             ignore_eos=body.ignore_eos,
         )
+        deadlines = self._deadlines(body, model)
         return PreparedChat(
             model=model,
             request=GenerationRequest(
@@ -143,8 +144,9 @@ class ChatService:
                 messages=tuple(m.engine_message() for m in body.messages),
                 images=await self._images(body, model),
                 sampling=sampling,
+                stream_interval_s=coalescing_window(model.stream_interval_s, deadlines),
             ),
-            deadlines=self._deadlines(body, model),
+            deadlines=deadlines,
             include_usage=bool(body.stream_options and body.stream_options.include_usage),
         )
 
@@ -264,7 +266,9 @@ class ChatService:
             )
         statuses = {i.status for i in infos}
         status = statuses.pop() if len(statuses) == 1 else ModelStatus.LOADING
+        active = sum(i.active_generations for i in infos)
+        idle_since = None if active else max((i.idle_since for i in infos if i.idle_since), default=None)
         return infos[0].model_copy(
-            update={"status": status, "active_generations": sum(i.active_generations for i in infos)}
+            update={"status": status, "active_generations": active, "idle_since": idle_since}
         )
 

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import abc
 import enum
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -51,6 +52,9 @@ class GenerationRequest(BaseModel):
     )
     images: tuple[bytes, ...] = Field(default=(), description="Verified image bytes, one per image part, in order.")
     sampling: SamplingParams
+    stream_interval_s: float = Field(
+        default=0.0, ge=0.0, description="Coalesce deltas into one chunk per interval after the first; 0: every delta."
+    )
 
 
 @dataclass(slots=True)
@@ -75,6 +79,13 @@ class Delta:
     finish_reason: str | None = None
     usage: Usage | None = None
 
+    @staticmethod
+    def join(deltas: Sequence[Delta]) -> Delta:
+        """Consecutive deltas as one (the stream's coalescing): their text, the last one's ending."""
+        if len(deltas) == 1:
+            return deltas[0]
+        return Delta("".join(d.text for d in deltas), deltas[-1].finish_reason, deltas[-1].usage)
+
 
 class ModelInfo(BaseModel):
     """What a replica reports about its model (nika's ``ModelInfo`` plus serving state)."""
@@ -88,6 +99,10 @@ class ModelInfo(BaseModel):
     supports_vision: bool
     status: ModelStatus
     active_generations: int = 0
+    idle_since: float | None = Field(
+        default=None,
+        description="Unix time the engine last finished or stopped a generation; None while it generates.",
+    )
     error: str | None = None
 
 
@@ -104,6 +119,11 @@ class Engine(abc.ABC):
 
     def __init__(self, config: ModelConfig) -> None:
         self.config = config
+        self.idle_since: float | None = None  # set by the engine when its last generation ends
+
+    def _generation_ended(self) -> None:
+        if not self.active_generations():
+            self.idle_since = time.time()
 
     @abc.abstractmethod
     async def load(self) -> None:
@@ -124,7 +144,8 @@ class Engine(abc.ABC):
             context_length=self.config.context_size,
             supports_vision=self.config.supports_vision,
             status=status,
-            active_generations=self.active_generations(),
+            active_generations=(active := self.active_generations()),
+            idle_since=None if active else self.idle_since,
             error=error,
         )
 

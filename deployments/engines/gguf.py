@@ -233,3 +233,4 @@ class LlamaCppEngine(Engine):
                 emit(Delta("", finish_reason=finish_reason, usage=Usage(len(tokens), watch.completion_tokens)))
         finally:
             self._active -= 1
+            self._generation_ended()

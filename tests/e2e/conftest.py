@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import socket
 import time
 from collections.abc import Callable, Iterator
@@ -21,6 +22,7 @@ from ray.serve.schema import ServeApplicationSchema, ServeDeploySchema
 
 from deployments.app import DEFAULT_APP_NAME, IMPORT_PATH
 from deployments.config import AppConfig
+from deployments.constants import CLUSTER_ENV
 
 APP_NAME = DEFAULT_APP_NAME
 DEPLOY_TIMEOUT_S = 300  # two vLLM engines and two llama.cpp models on 2 cores
@@ -147,6 +149,7 @@ def app(models_dir: Path) -> Iterator[ServeApp]:
     # (custom resource cpu_node) and a worker standing in for GPU nodes (gpu_node). Logical CPUs:
     # the replicas' reservations add up to more than the 2 real cores.
     metrics_ports = [_free_port() for _ in range(3)]
+    os.environ.update(CLUSTER_ENV)  # every node's processes inherit it, Serve's proxy included
     cluster = Cluster(
         initialize_head=True,
         head_node_args={

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 
 import httpx
 import pytest
@@ -34,8 +35,13 @@ def test_client_disconnect_mid_stream_stops_the_engine(app: ServeApp) -> None:
             for line in lines:
                 if line.startswith("data: ") and '"content"' in line:
                     break
-            assert app.active_generations("medium") == 1
+            card = app.model_card("medium")
+            assert (card["active_generations"], card["idle_since"]) == (1, None)
+            closing_at = time.time()
     # Leaving both blocks closed the connection mid-stream.
+    poll(lambda: app.active_generations("medium") == 0, 5, "medium to stop generating")
+    # The engine's own record of when it stopped: after the client went away, not before.
+    assert closing_at < app.model_card("medium")["idle_since"] < time.time()
     assert_engine_stops_and_serves_again(app)
 
 

@@ -8,6 +8,7 @@ import yaml
 
 from deployments.app import build_app
 from deployments.config import AppConfig, validate_serve_config
+from deployments.constants import CLUSTER_ENV
 
 ROOT = Path(__file__).resolve().parents[2]
 CLUSTER = ROOT / "cluster"
@@ -73,6 +74,22 @@ def _must_match(config: dict[str, Any]) -> dict[str, Any]:
 
 def test_the_cluster_config_does_not_drift_from_serve_config_yaml() -> None:
     assert _must_match(load(CLUSTER / "serve_config.gpu.yaml")) == _must_match(load(ROOT / "serve_config.yaml"))
+
+
+def test_every_place_that_starts_ray_sets_the_cluster_env() -> None:
+    """Serve's proxy reads CLUSTER_ENV when its node starts: the Makefile (local Ray of `serve run`,
+    tests, benchmarks), every `ray start` of the ray up file and every RayService container."""
+    makefile = (ROOT / "Makefile").read_text()
+    ray_up = load(CLUSTER / "ray-cluster.yaml")
+    starts = [c for c in ray_up["head_start_ray_commands"] + ray_up["worker_start_ray_commands"] if "ray start" in c]
+    spec = load(CLUSTER / "rayservice.yaml")["spec"]["rayClusterConfig"]
+    pods = [spec["headGroupSpec"], *spec["workerGroupSpecs"]]
+    containers = [c for pod in pods for c in pod["template"]["spec"]["containers"]]
+    assert len(starts) == 2 and len(containers) == 3
+    for name, value in CLUSTER_ENV.items():
+        assert f"export {name} := {value}" in makefile
+        assert all(f"export {name}={value};" in command for command in starts)
+        assert all({"name": name, "value": value} in container.get("env", []) for container in containers)
 
 
 def test_resources_place_replicas_on_the_intended_nodes() -> None:

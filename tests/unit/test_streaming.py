@@ -1,13 +1,13 @@
-"""The deadline helper, on plain async generators (no Ray)."""
+"""The deadline and coalescing helpers, on plain async generators (no Ray)."""
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 
 import pytest
 
 from deployments.config import Deadlines
 from deployments.errors import InferenceTimeout
-from deployments.streaming import with_deadlines
+from deployments.streaming import coalesce, coalescing_window, with_deadlines
 
 
 async def ticking(delays: list[float]) -> AsyncIterator[int]:
@@ -71,3 +71,108 @@ def test_a_timeout_error_raised_by_the_source_is_not_mistaken_for_a_deadline() -
 
     with pytest.raises(TimeoutError, match="upstream"):
         asyncio.run(drain(with_deadlines(failing(), Deadlines(chunk_timeout_s=5))))
+
+
+# -- coalescing ---------------------------------------------------------------------------
+
+
+def join(items: Sequence[str]) -> str:
+    return "".join(items)
+
+
+async def burst(items: str, then: asyncio.Event | None = None, more: str = "") -> AsyncIterator[str]:
+    """``items`` at once, then (after ``then`` is set) ``more`` at once."""
+    for item in items:
+        yield item
+    if then is not None:
+        await then.wait()
+    for item in more:
+        yield item
+
+
+def collect(stream: AsyncIterator[str], bound_s: float = 5) -> list[str]:
+    async def main() -> list[str]:
+        return await asyncio.wait_for(drain(stream), bound_s)
+
+    return asyncio.run(main())
+
+
+def test_interval_zero_passes_every_item_alone() -> None:
+    assert collect(coalesce(burst("abc"), 0, join)) == ["a", "b", "c"]
+
+
+def test_the_first_item_goes_alone_and_the_waiting_rest_in_one_chunk() -> None:
+    # Ten items at once; the stream ends long before the 10 s interval: its end flushes at once.
+    assert collect(coalesce(burst("abcdefghij"), 10, join), bound_s=2) == ["a", "bcdefghij"]
+
+
+def test_items_slower_than_the_interval_each_go_at_once() -> None:
+    async def slow() -> AsyncIterator[str]:
+        for item in "abc":
+            await asyncio.sleep(0.05)
+            yield item
+
+    assert collect(coalesce(slow(), 0.001, join)) == ["a", "b", "c"]
+
+
+def test_the_interval_flushes_waiting_items_while_the_source_is_silent() -> None:
+    async def main() -> list[str]:
+        resume = asyncio.Event()
+        chunks = coalesce(burst("abc", then=resume, more="de"), 0.05, join)
+        first, second = await anext(chunks), await anext(chunks)  # "bc" comes without "d" and "e"
+        resume.set()
+        return [first, second, *[c async for c in chunks]]
+
+    assert asyncio.run(asyncio.wait_for(main(), 5)) == ["a", "bc", "de"]
+
+
+def test_closing_mid_stream_cancels_the_pending_read_and_runs_the_source_clean_up() -> None:
+    events: list[str] = []
+
+    async def source() -> AsyncIterator[str]:
+        try:
+            yield "a"
+            yield "b"
+            await asyncio.Event().wait()  # never produces again
+            yield "c"
+        except asyncio.CancelledError:
+            events.append("cancelled")
+            raise
+        finally:
+            events.append("closed")
+
+    async def main() -> list[str]:
+        chunks = coalesce(source(), 0.05, join)
+        received = [await anext(chunks), await anext(chunks)]  # "b" by the interval, a read pending
+        await chunks.aclose()
+        return received
+
+    assert asyncio.run(asyncio.wait_for(main(), 5)) == ["a", "b"]
+    assert events == ["cancelled", "closed"]  # the source's clean-up had run when aclose returned
+
+
+def test_items_before_a_failure_reach_the_caller_before_the_error() -> None:
+    async def failing() -> AsyncIterator[str]:
+        yield "a"
+        yield "b"
+        raise RuntimeError("engine failed")
+
+    received: list[str] = []
+
+    async def main() -> None:
+        async for chunk in coalesce(failing(), 10, join):
+            received.append(chunk)
+
+    with pytest.raises(RuntimeError, match="engine failed"):
+        asyncio.run(asyncio.wait_for(main(), 2))
+    assert received == ["a", "b"]
+
+
+@pytest.mark.parametrize(
+    ("interval_s", "chunk_timeout_s", "window_s"),
+    [(0.05, None, 0.05), (0.05, 30.0, 0.05), (0.05, 0.04, 0.02), (0.0, 0.04, 0.0)],
+)
+def test_the_coalescing_window_stays_within_half_the_chunk_deadline(
+    interval_s: float, chunk_timeout_s: float | None, window_s: float
+) -> None:
+    assert coalescing_window(interval_s, Deadlines(chunk_timeout_s=chunk_timeout_s)) == pytest.approx(window_s)
