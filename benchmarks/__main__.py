@@ -16,7 +16,7 @@ from benchmarks.machine import describe
 from benchmarks.plots import plot
 from benchmarks.systems import OurStack
 
-# Raw llama-cpp-python first: it runs in this process, before Ray starts.
+# `make bench` runs them in this order.
 COMPARISONS = {m.NAME: m for m in (overhead, gguf_serving, vision_serving, deadline_accuracy, cancellation)}
 ROOT = Path(__file__).resolve().parent.parent
 

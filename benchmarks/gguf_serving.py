@@ -37,10 +37,7 @@ def raw_ceiling(model: Any, workload: Workload) -> dict[str, Any]:
     """
     shards = [replace(workload, prompts=workload.prompts[i::ENGINES]) for i in range(ENGINES)]
     with ProcessPoolExecutor(ENGINES, mp_context=multiprocessing.get_context("spawn")) as pool:
-        futures = [
-            pool.submit(run_raw, model, shard, gguf_threads(model), SAMPLING["seed"], progress=False)
-            for shard in shards
-        ]
+        futures = [pool.submit(run_raw, model, shard, gguf_threads(model), SAMPLING["seed"]) for shard in shards]
         runs = [f.result() for f in tqdm(futures, desc=f"raw llama-cpp-python x{ENGINES}", leave=False)]
     per_process = [summarize(results, wall, workload.max_tokens) for results, wall in runs]
     return {

@@ -29,7 +29,7 @@ def overhead(result: dict[str, Any], ax: list[Any]) -> None:
     _bars(ax[1], labels, [systems[s]["ttft_ms"]["p50"] for s in labels], "time to first token, p50", "ms")
     r = result["ratios"]
     ax[0].set_xlabel(f"ratio {r['stream_throughput_ratio']:.3f} (target >= 0.97)")
-    ax[1].set_xlabel(f"added {r['added_ttft_p50_ms']:.2f} ms (target <= 5)")
+    ax[1].set_xlabel(f"added {r['added_ttft_p50_ms']:.2f} ms, median paired by prompt (target <= 5)")
 
 
 def _sweep(result: dict[str, Any], ax: list[Any]) -> None:

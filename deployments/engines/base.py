@@ -122,6 +122,7 @@ class Engine(abc.ABC):
         self.idle_since: float | None = None  # set by the engine when its last generation ends
 
     def _generation_ended(self) -> None:
+        """Engines call this as each generation ends, finished, failed or stopped."""
         if not self.active_generations():
             self.idle_since = time.time()
 
