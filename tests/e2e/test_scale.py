@@ -40,7 +40,9 @@ def test_a_model_scales_up_under_load_and_back_down(app: ServeApp) -> None:
         router = serve.get_app_handle(side).options(stream=True)
         load = [router.infer_stream.remote(chat("medium", max_tokens=1500, ignore_eos=True)) for _ in range(4)]
         try:
-            next(load[0])  # generating; the other three wait on the one replica: 4 ongoing vs a target of 1
+            # One generates (whichever reached the engine first); the other three wait on the one
+            # replica: 4 ongoing vs a target of 1.
+            poll(lambda: app.active_generations("medium", app=side) >= 1, 60, "medium to start generating")
             poll(lambda: running_replicas(side, "model-medium") == 2, 60, "a second medium replica")
             # Both replicas serve.
             assert httpx.post(f"{base_url}/v1/chat/completions", json=chat("medium", max_tokens=3), timeout=60).status_code == 200
