@@ -20,6 +20,7 @@ from tqdm import tqdm
 
 from benchmarks.context import BenchContext
 from benchmarks.loadgen import stream_chat
+from benchmarks.stats import summarize
 from benchmarks.systems import OurStack
 from benchmarks.workloads import Workload, image_data_url, prompts
 
@@ -36,7 +37,7 @@ async def token_time_ms(base_url: str, payload: dict[str, Any], runs: int = 3) -
     failed = [r.error for r in results if not r.ok]
     if failed:
         raise RuntimeError(f"reference stream failed: {failed[0]}")
-    return float(np.median([(r.e2e - r.ttft) / (r.output_tokens - 1) for r in results])) * 1e3
+    return summarize(results, sum(r.e2e for r in results), REFERENCE_TOKENS)["tpot_ms"]["p50"]
 
 
 async def disconnect_mid_stream(ours: OurStack, base_url: str, payload: dict[str, Any]) -> float:

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import asyncio
 import enum
-import math
 from collections.abc import AsyncIterator, Callable, Sequence
 from typing import TypeVar
 
@@ -90,56 +89,51 @@ def coalescing_window(interval_s: float, deadlines: Deadlines) -> float:
     return min(interval_s, deadlines.chunk_timeout_s * CHUNK_DEADLINE_SHARE)
 
 
-async def _next(stream: AsyncIterator[T]) -> T:
-    return await anext(stream)
-
-
-async def coalesce(
-    stream: AsyncIterator[T], interval_s: float, merge: Callable[[Sequence[T]], T]
-) -> AsyncIterator[T]:
+async def coalesce(stream: AsyncIterator[T], interval_s: float, merge: Callable[[Sequence[T]], T]) -> AsyncIterator[T]:
     """Yield ``stream``'s items, merging those that arrive within ``interval_s`` of the last yield.
 
-    An item that arrives after a quiet interval goes out at once (the first one always does);
-    one that arrives sooner waits for the interval to end, with everything that joins it. The
-    stream's end flushes at once. Closing this generator cancels a pending read of ``stream``
-    and waits for it, so the source's own clean-up (stopping the engine) has run on return.
+    The first item goes out at once, and so does one that arrives after a quiet interval; one
+    that arrives sooner waits for the interval to end, with everything that joins it. The
+    stream's end flushes at once. One reader task per stream fills the buffer, so the per-item
+    cost is an append; timers are per chunk. Closing this generator cancels the reader and waits
+    for it, so the source's own clean-up (stopping the engine) has run on return.
     """
     if interval_s <= 0:
         async for item in stream:
             yield item
         return
-    loop = asyncio.get_running_loop()
-    buffer: list[T] = []
-    flush_at = -math.inf  # loop time from which an arriving item goes out at once
-    pending: asyncio.Task[T] | None = None  # a read of `stream` outliving a flush timer
     try:
-        while True:
-            if not buffer and pending is None:
-                item = await anext(stream)
-            else:
-                pending = pending or asyncio.create_task(_next(stream))
-                if buffer:
-                    done, _ = await asyncio.wait((pending,), timeout=flush_at - loop.time())
-                    if not done:  # the interval is over: send what waited, keep reading
-                        yield merge(buffer)
-                        buffer, flush_at = [], loop.time() + interval_s
-                        continue
-                read, pending = pending, None
-                item = await read
-            buffer.append(item)
-            if loop.time() >= flush_at:
-                yield merge(buffer)
-                buffer, flush_at = [], loop.time() + interval_s
+        yield await anext(stream)
     except StopAsyncIteration:
-        if buffer:
-            yield merge(buffer)
-    except Exception:
-        if buffer:  # what was generated before the failure still reaches the caller
-            yield merge(buffer)
-        raise
+        return
+    loop = asyncio.get_running_loop()
+    flush_at = loop.time() + interval_s
+    buffer: list[T] = []
+    arrived = asyncio.Event()
+
+    async def read() -> None:
+        try:
+            async for item in stream:
+                buffer.append(item)
+                arrived.set()
+        finally:
+            arrived.set()  # the end or a failure wakes the writer too
+
+    reader = asyncio.create_task(read())
+    try:
+        while not reader.done() or buffer:
+            await arrived.wait()
+            if flush_at > loop.time():  # inside the interval: gather until it ends or the stream does
+                await asyncio.wait((reader,), timeout=flush_at - loop.time())
+            arrived.clear()
+            if buffer:
+                chunk = merge(buffer)
+                buffer.clear()
+                yield chunk
+                flush_at = loop.time() + interval_s
+        reader.result()  # the stream's failure, after what it generated reached the caller
     finally:
-        if pending is not None:
-            pending.cancel()
-            await asyncio.wait((pending,))
-            if not pending.cancelled():
-                pending.exception()  # the caller has gone: its error has nowhere to go
+        reader.cancel()
+        await asyncio.wait((reader,))
+        if not reader.cancelled():
+            reader.exception()  # retrieved: on an early close its error has nowhere to go
