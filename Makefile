@@ -31,7 +31,7 @@ CUDA_ONLY_WHEELS := torchvision torchaudio torchcodec
 # CLUSTER_ENV says why (tests/unit/test_cluster_files.py keeps this copy equal to it).
 export RAY_SERVE_PROXY_USE_GRPC := 1
 
-.PHONY: install models serve test bench clean
+.PHONY: install models serve lint test bench clean
 
 install: $(INSTALLED)
 
@@ -58,7 +58,12 @@ serve: install models
 	$(PY) -m deployments.config serve_config.yaml
 	$(VENV)/bin/serve run serve_config.yaml
 
-test: install models
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+# Lint first, then the three tiers in order: unit (no Ray), serve (fake engine), e2e (real engines).
+test: lint models
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 # Every comparison in benchmarks/ (README there); results go to benchmarks/results/.

@@ -26,7 +26,7 @@ import httpx
 from deployments.app import build_app
 from deployments.config import AppConfig, GGUFModelConfig, VisionModelConfig
 from deployments.constants import CLUSTER_ENV
-from deployments.engines.vision import VLLMEngine, replica_env
+from deployments.engines.vision import VLLMEngine
 from deployments.replica import deployment_name
 
 APP_NAME = "bench"
@@ -108,7 +108,7 @@ def vllm_server(model: VisionModelConfig, port: int, cache_dir: Path) -> Any:
         if value is None or value is False:
             continue
         command += [flag] if value is True else [flag, json.dumps(value) if isinstance(value, dict) else str(value)]
-    return server_process("vllm_server", command, port, env=replica_env(model, cache_dir))
+    return server_process("vllm_server", command, port, env=VLLMEngine.replica_env(model, cache_dir))
 
 
 class OurStack:

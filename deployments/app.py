@@ -6,6 +6,7 @@ anything is deployed), then binds one model deployment per configured model and 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +14,8 @@ from ray import serve
 from ray.serve import Application
 
 from deployments.config import AppConfig, ModelConfig
+from deployments.engines import engine_for
+from deployments.engines.base import Engine
 from deployments.replica import ModelReplica, deployment_name, model_deployment_options
 from deployments.router import Router, router_deployment_options
 
@@ -20,15 +23,19 @@ DEFAULT_APP_NAME = "nika"
 IMPORT_PATH = "deployments.app:build_app"
 
 
-def build_model(model: ModelConfig, cache_dir: Path) -> Application:
+EngineFactory = Callable[[ModelConfig], Engine]
+
+
+def build_model(model: ModelConfig, cache_dir: Path, make_engine: EngineFactory = engine_for) -> Application:
     deployment = serve.deployment(ModelReplica).options(
         name=deployment_name(model.name), **model_deployment_options(model, cache_dir)
     )
-    return deployment.bind(model.model_dump(mode="json"))
+    return deployment.bind(model.model_dump(mode="json"), make_engine)
 
 
-def build_app(args: dict[str, Any] | AppConfig) -> Application:
+def build_app(args: dict[str, Any] | AppConfig, *, make_engine: EngineFactory = engine_for) -> Application:
+    """The application of a config; ``make_engine`` replaces the real engines (tests inject a fake)."""
     config = args if isinstance(args, AppConfig) else AppConfig.model_validate(args)
-    models = {model.name: build_model(model, config.cache_dir) for model in config.models}
+    models = {model.name: build_model(model, config.cache_dir, make_engine) for model in config.models}
     router = Router.options(**router_deployment_options(config.router))
     return router.bind(config.model_dump(mode="json"), models)

@@ -284,7 +284,7 @@ class AppConfig(StrictModel):
     cache_dir: Path = Field(
         default=Path(".cache"),
         validate_default=True,
-        description="Engine caches, compiled kernels and sockets; relative to the working dir."
+        description="Engine caches, compiled kernels and sockets; relative to the working dir.",
     )
 
     @field_validator("cache_dir")

@@ -22,9 +22,8 @@ MAX_STREAM_INTERVAL_S = 1.0
 # Health: longest silence of an engine that holds work before Serve restarts the replica.
 DEFAULT_STALL_TIMEOUT_S = 60.0
 
-# Serve options (see replica.model_deployment_options and router.router_deployment_options).
-# llama.cpp runs one generation per replica; vLLM batches many (continuous batching).
-DEFAULT_MODEL_MAX_ONGOING_REQUESTS = {"gguf": 4, "vision": 32}
+# Serve options (see replica.model_deployment_options and router.router_deployment_options);
+# each engine sets its own max_ongoing_requests (Engine.default_max_ongoing_requests).
 DEFAULT_MODEL_MAX_QUEUED_REQUESTS = 64
 DEFAULT_ROUTER_MAX_ONGOING_REQUESTS = 256
 DEFAULT_ROUTER_MAX_QUEUED_REQUESTS = 1024

@@ -2,17 +2,24 @@
 
 The classes mirror the error kinds of nika's native runtime (model not loaded, model not
 found, invalid config/request, inference failed, inference timeout, cancelled) plus the
-service-level ones a cluster adds (overload). Each carries its HTTP status, OpenAI error
-``type`` and ``code`` so the router, the SSE stream and the Python handle API turn it into
-the same error body.
+service-level ones a cluster adds (overload, load failure, our own bugs). Each carries its
+HTTP status, OpenAI error ``type`` and ``code`` so the router, the SSE stream and the Python
+handle API turn it into the same error body.
+
+What a client reads is written for the client: an exception we did not classify is our bug,
+reported as ``500 internal_error`` with the request id, while its type, message and traceback
+go to the log under that id.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 from typing import Any, ClassVar
 
 from deployments.constants import RETRY_AFTER_S
+
+logger = logging.getLogger("ray.serve")
 
 
 class ServeError(Exception):
@@ -85,11 +92,30 @@ class Overloaded(ServeError):
     status_code = 503
     error_type = "service_unavailable"
     default_code = "overloaded"
+
     def headers(self) -> dict[str, str]:
         return {"Retry-After": str(RETRY_AFTER_S)}
 
 
+class ModelLoadFailed(ServeError):
+    """The model could not be loaded (bad file, missing template, engine refused it)."""
+
+    status_code = 503
+    error_type = "service_unavailable"
+    default_code = "model_load_failed"
+
+
+class InternalError(ServeError):
+    """A failure we did not classify: a bug of ours. The log has the details."""
+
+    status_code = 500
+    error_type = "server_error"
+    default_code = "internal_error"
+
+
 class InferenceFailed(ServeError):
+    """The engine failed while generating, or the replica serving the request died."""
+
     status_code = 502
     error_type = "server_error"
     default_code = "inference_failed"
@@ -113,7 +139,9 @@ def as_serve_error(exc: BaseException) -> ServeError:
     """Classify any exception raised on a request path into the taxonomy.
 
     Ray re-raises a replica's exception as ``RayTaskError`` whose ``cause`` is the
-    original; unwrap it first. Classification is by type, never by message.
+    original; unwrap it first. Classification is by type, never by message. What fits no
+    class is logged with its traceback and becomes an :class:`InternalError` naming the
+    request id, so no internals reach the client.
     """
     from ray import exceptions as ray_exceptions
     from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, RequestCancelledError
@@ -132,4 +160,12 @@ def as_serve_error(exc: BaseException) -> ServeError:
         return Cancelled("the request was cancelled")
     if isinstance(exc, ray_exceptions.RayActorError):
         return InferenceFailed("the model replica died while serving the request; retry", code="replica_died")
-    return InferenceFailed(f"inference failed: {type(exc).__name__}: {exc}")
+    request_id = _request_id()
+    logger.error("internal error in request %s", request_id, exc_info=exc)
+    return InternalError(f"internal error; the server log has the details under request id {request_id}")
+
+
+def _request_id() -> str:
+    from ray.serve.context import _get_serve_request_context
+
+    return _get_serve_request_context().request_id or "unknown"

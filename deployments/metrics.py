@@ -66,5 +66,7 @@ def router_metrics() -> RouterMetrics:
 def replica_metrics() -> ReplicaMetrics:
     return ReplicaMetrics(
         requests_running=Gauge("nika_num_requests_running", "Generations running in the engine.", ("model",)),
-        requests_waiting=Gauge("nika_num_requests_waiting", "Requests in a replica waiting for its engine.", ("model",)),
+        requests_waiting=Gauge(
+            "nika_num_requests_waiting", "Requests in a replica waiting for its engine.", ("model",)
+        ),
     )

@@ -56,7 +56,9 @@ class ChatMessage(_Strict):
         """The message an engine's chat template takes: string content unless it has images."""
         if not self.images:
             return {"role": self.role, "content": self.text()}
-        parts = [{"type": "text", "text": p.text} if isinstance(p, TextPart) else {"type": "image"} for p in self.content]
+        parts = [
+            {"type": "text", "text": p.text} if isinstance(p, TextPart) else {"type": "image"} for p in self.content
+        ]
         return {"role": self.role, "content": parts}
 
 
@@ -112,7 +114,7 @@ def usage_body(usage: Usage) -> dict[str, int]:
 class ChunkFactory:
     """Builds the ``chat.completion.chunk`` dicts of one stream (shared id, model, created)."""
 
-    __slots__ = ("completion_id", "model", "created", "include_usage", "_first")
+    __slots__ = ("_first", "completion_id", "created", "include_usage", "model")
 
     def __init__(self, completion_id: str, model: str, include_usage: bool) -> None:
         self.completion_id = completion_id
@@ -155,9 +157,7 @@ def completion_body(completion_id: str, model: str, text: str, finish_reason: st
         "object": "chat.completion",
         "created": int(time.time()),
         "model": model,
-        "choices": [
-            {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish_reason}
-        ],
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish_reason}],
         "usage": usage_body(usage),
     }
 

@@ -23,9 +23,9 @@ from pydantic import TypeAdapter
 
 from deployments import constants as C
 from deployments.config import ModelConfig
-from deployments.engines import engine_env, engine_for
+from deployments.engines import engine_class, engine_env, engine_for
 from deployments.engines.base import Delta, Engine, GenerationRequest, ModelInfo, ModelStatus
-from deployments.errors import ModelNotLoaded, ServeError
+from deployments.errors import InferenceFailed, ModelLoadFailed, ModelNotLoaded, ServeError
 from deployments.metrics import replica_metrics
 from deployments.streaming import coalesce
 
@@ -42,13 +42,11 @@ def deployment_name(model_name: str) -> str:
 def model_deployment_options(model: ModelConfig, cache_dir: Path) -> dict[str, Any]:
     """Serve options of a model's deployment: its config over the model defaults.
 
-    A llama.cpp replica runs one generation at a time: its few extra ongoing slots let
-    control calls (info, reconfigure) and the next request reach it while it generates. A
-    vLLM replica batches many. Serve's caller-side queue, bounded by
-    ``max_queued_requests``, holds the rest.
+    Each engine says how many requests one replica takes at once; Serve's caller-side queue,
+    bounded by ``max_queued_requests``, holds the rest.
     """
     defaults = {
-        "max_ongoing_requests": C.DEFAULT_MODEL_MAX_ONGOING_REQUESTS[model.kind],
+        "max_ongoing_requests": engine_class(model.kind).default_max_ongoing_requests,
         "max_queued_requests": C.DEFAULT_MODEL_MAX_QUEUED_REQUESTS,
         "max_constructor_retry_count": C.DEFAULT_MODEL_MAX_CONSTRUCTOR_RETRY_COUNT,
         "ray_actor_options": {"num_cpus": 1},
@@ -77,17 +75,21 @@ class ModelReplica:
             if loaded and self._status is not ModelStatus.LOADED:
                 await self._load()
             elif not loaded and self._status is ModelStatus.LOADED:
-                await self._engine.unload()
+                # First: new requests are refused, and streams the unload ends can say why.
                 self._status = ModelStatus.UNLOADED
+                await self._engine.unload()
                 logger.info("model %s unloaded", self._config.name)
 
     async def _load(self) -> None:
         self._status, self._error = ModelStatus.LOADING, None
         try:
             await self._engine.load()
-        except ServeError as exc:
-            self._status, self._error = ModelStatus.FAILED, exc.message
-            raise
+        except Exception as exc:
+            error = (
+                exc if isinstance(exc, ServeError) else ModelLoadFailed(f"loading failed: {type(exc).__name__}: {exc}")
+            )
+            self._status, self._error = ModelStatus.FAILED, error.message
+            raise error from exc
         self._status = ModelStatus.LOADED
         logger.info("model %s loaded", self._config.name)
 
@@ -111,24 +113,41 @@ class ModelReplica:
         return await self._engine.layer_types()
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[Delta]:
+        """The engine's stream, coalesced, under the contract of ``Engine.generate``.
+
+        This is the one place the contract is enforced for every engine and every caller: a
+        stream that ends without its final delta (finish reason and usage) raises instead, so
+        no client ever reads a silently truncated answer as a complete one.
+        """
         if self._status is not ModelStatus.LOADED:
             raise ModelNotLoaded(f"model {self._config.name} is not loaded")
         self._in_flight += 1
         if self._in_flight == 1:  # the silence clock runs only while there is work
             self._last_progress = time.monotonic()
         self._report_load()
+        last: Delta | None = None
         try:
             # aclosing: a cancelled task closes the engine stream at once, which stops the engine.
             async with (
                 aclosing(self._engine.generate(request)) as deltas,
                 aclosing(coalesce(deltas, request.stream_interval_s, Delta.join)) as chunks,
             ):
-                async for chunk in chunks:
+                async for last in chunks:
                     self._last_progress = time.monotonic()
-                    yield chunk
+                    yield last
+            if last is None or last.finish_reason is None or last.usage is None:
+                raise self._interrupted()
         finally:
             self._in_flight -= 1
             self._report_load()
+
+    def _interrupted(self) -> ServeError:
+        """Why an engine stream ended without its final delta."""
+        name = self._config.name
+        if self._status is not ModelStatus.LOADED:
+            return ModelNotLoaded(f"model {name} was unloaded during the generation; retry", code="model_unloaded")
+        logger.error("model %s: the engine ended a stream without a finish reason", name)
+        return InferenceFailed(f"model {name} ended the generation without finishing it", code="generation_incomplete")
 
     def _report_load(self) -> None:
         running = min(self._in_flight, self._engine.active_generations() or (1 if self._in_flight else 0))

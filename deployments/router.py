@@ -10,6 +10,8 @@ ingress methods.)
 """
 
 import hmac
+import ipaddress
+import logging
 import os
 from collections.abc import AsyncIterator
 from contextlib import aclosing
@@ -19,20 +21,42 @@ from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from ray import serve
 from ray.serve.handle import DeploymentHandle
+from starlette.exceptions import HTTPException
 
 from deployments import constants as C
 from deployments.config import AppConfig, RouterConfig
-from deployments.errors import PayloadTooLarge, ServeError, Unauthorized, UnsupportedMediaType, as_serve_error
+from deployments.errors import (
+    InvalidRequest,
+    ModelNotFound,
+    PayloadTooLarge,
+    Unauthorized,
+    UnsupportedMediaType,
+    as_serve_error,
+)
 from deployments.metrics import router_metrics
 from deployments.protocol import SSE_DONE, ChatCompletionRequest, sse_event
 from deployments.serving import ChatService, new_request_id, parse_request
 
+logger = logging.getLogger("ray.serve")
+
 api = FastAPI(title="nika-serve", description="OpenAI-compatible chat for local GGUF and vision models")
 
 
-@api.exception_handler(ServeError)
-async def _serve_error(_: Request, exc: ServeError) -> JSONResponse:
+@api.exception_handler(Exception)
+async def _any_error(_: Request, exc: Exception) -> JSONResponse:
+    """Every error a route raises, ours or not, leaves as one OpenAI-shaped body."""
     return error_response(exc)
+
+
+@api.exception_handler(HTTPException)
+async def _http_error(request: Request, exc: HTTPException) -> JSONResponse:
+    """Starlette's own errors (no such route, wrong method) in the same shape."""
+    if exc.status_code == 404:
+        return error_response(ModelNotFound(f"no route {request.url.path}", code="not_found"))
+    message = f"{request.method} {request.url.path}: {exc.detail}"
+    return JSONResponse(
+        InvalidRequest(message, code=f"http_{exc.status_code}").to_body(), exc.status_code, headers=exc.headers
+    )
 
 
 def error_response(exc: BaseException) -> JSONResponse:
@@ -79,6 +103,24 @@ async def _sse(first: dict[str, Any], chunks: AsyncIterator[dict[str, Any]]) -> 
         yield SSE_DONE
 
 
+def _warn_if_open() -> None:
+    """Say so in the log when anyone on the network can use the models: a key is not set and
+    Serve's HTTP proxy listens beyond loopback."""
+    from ray.serve.context import _get_global_client
+
+    host = _get_global_client().http_config.host
+    try:
+        loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name
+        loopback = False
+    if not loopback:
+        logger.warning(
+            "serving on %s without an API key: anyone who can reach this address can use the models; "
+            "set router.api_key_env (README: Security) or bind http_options.host to 127.0.0.1",
+            host,
+        )
+
+
 def router_deployment_options(config: RouterConfig) -> dict[str, Any]:
     """Serve options of the router: its config over the router defaults.
 
@@ -106,8 +148,12 @@ class Router:
         key_env = app_config.router.api_key_env
         if key_env is not None and not os.environ.get(key_env):
             # Serving openly because a secret is missing would be worse than not serving.
-            raise ValueError(f"router.api_key_env is {key_env!r}, but that variable is empty in the router's environment")
+            raise ValueError(
+                f"router.api_key_env is {key_env!r}, but that variable is empty in the router's environment"
+            )
         api.state.api_key = os.environ[key_env] if key_env else None
+        if key_env is None:
+            _warn_if_open()
 
     # -- HTTP --------------------------------------------------------------------------
 

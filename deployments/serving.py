@@ -20,9 +20,9 @@ from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 
 from deployments.config import AppConfig, Deadlines, ModelConfig
 from deployments.constants import MODEL_INFO_TIMEOUT_S
-from deployments.engines.base import Delta, GenerationRequest, ModelInfo, ModelStatus, SamplingParams
+from deployments.engines import engine_class
+from deployments.engines.base import Delta, GenerationRequest, ModelFacts, ModelInfo, ModelStatus, SamplingParams
 from deployments.errors import (
-    InferenceFailed,
     InferenceTimeout,
     InvalidRequest,
     ModelNotFound,
@@ -76,6 +76,15 @@ def _deployment_state(deployment: str) -> tuple[ModelStatus, str | None]:
     return ModelStatus.FAILED, state.message or f"deployment {deployment} is {state.status}"
 
 
+def _facts(model: ModelConfig) -> ModelFacts:
+    """What the model's files say, for its card while no replica answers; the router's node may
+    lack the files (they need only be where the model's replicas run), or one may be unreadable."""
+    try:
+        return engine_class(model.kind).describe(model)
+    except Exception:
+        return ModelFacts(model.path.stem, model.path.stat().st_size if model.path.is_file() else 0, None)
+
+
 def _cancel(response: DeploymentResponseGenerator) -> None:
     """Cancel a handle call; never raises (``cancel`` re-raises a failed call's error)."""
     try:
@@ -101,16 +110,17 @@ class ChatService:
         self._handles = dict(handles)
         # Generation streams over Serve's gRPC data path (by value), not one Ray object per chunk.
         self._streams = {name: h.options(stream=True, _by_reference=False) for name, h in handles.items()}
+        self._facts = {m.name: _facts(m) for m in config.models}
         self._created = int(time.time())
 
     # -- validation --------------------------------------------------------------------
 
-    async def prepare(self, body: ChatCompletionRequest, request_id: str, *, require_images: bool = False) -> PreparedChat:
+    async def prepare(
+        self, body: ChatCompletionRequest, request_id: str, *, require_images: bool = False
+    ) -> PreparedChat:
         model = self._models.get(body.model)
         if model is None:
-            raise ModelNotFound(
-                f"model {body.model!r} not found; available models: {', '.join(sorted(self._models))}"
-            )
+            raise ModelNotFound(f"model {body.model!r} not found; available models: {', '.join(sorted(self._models))}")
         if (body.has_images or require_images) and not model.supports_vision:
             vision = sorted(m.name for m in self._config.models if m.supports_vision)
             raise InvalidRequest(
@@ -232,8 +242,8 @@ class ChatService:
         last: Delta | None = None
         async for last in self.deltas(prepared):
             parts.append(last.text)
-        if last is None or last.usage is None or last.finish_reason is None:
-            raise InferenceFailed(f"model {prepared.model.name} ended the stream without a finish reason")
+        # The replica ends every stream with its final delta, or raises (Engine.generate's contract).
+        assert last is not None and last.finish_reason is not None and last.usage is not None
         return completion_body(completion_id, prepared.model.name, "".join(parts), last.finish_reason, last.usage)
 
     # -- models ------------------------------------------------------------------------
@@ -245,30 +255,29 @@ class ChatService:
     async def _model_info(self, model: ModelConfig) -> ModelInfo:
         """Merge the replicas' reports: one card per model, generations summed."""
         try:
-            reports = await self._handles[model.name].broadcast("info").results_async(
-                timeout_s=MODEL_INFO_TIMEOUT_S, return_exceptions=True
+            reports = (
+                await self._handles[model.name]
+                .broadcast("info")
+                .results_async(timeout_s=MODEL_INFO_TIMEOUT_S, return_exceptions=True)
             )
         except Exception as exc:  # no replica running (starting, failed) or no answer in time
             reports = [exc]
         infos = [r for r in reports if isinstance(r, ModelInfo)]
         if not infos:  # no replica answered: ask Serve why (starting, failed to load, ...)
             status, error = await asyncio.to_thread(_deployment_state, deployment_name(model.name))
-            return ModelInfo(
-                id=model.name,
-                kind=model.kind,
-                name=model.path.name,
-                size_bytes=0,
-                quantization=None,
-                context_length=model.context_size,
-                supports_vision=model.supports_vision,
-                status=status,
-                error=error or (as_serve_error(reports[0]).message if reports else "no replica is running"),
-            )
-        statuses = {i.status for i in infos}
-        status = statuses.pop() if len(statuses) == 1 else ModelStatus.LOADING
+            error = error or (as_serve_error(reports[0]).message if reports else "no replica is running")
+            return ModelInfo.describe(model, self._facts[model.name], status, error=error)
+        replicas: dict[ModelStatus, int] = {}
+        for info in infos:
+            for status, count in info.replicas.items():
+                replicas[status] = replicas.get(status, 0) + count
         active = sum(i.active_generations for i in infos)
-        idle_since = None if active else max((i.idle_since for i in infos if i.idle_since), default=None)
         return infos[0].model_copy(
-            update={"status": status, "active_generations": active, "idle_since": idle_since}
+            update={
+                "status": next(iter(replicas)) if len(replicas) == 1 else ModelStatus.MIXED,
+                "replicas": replicas,
+                "active_generations": active,
+                "idle_since": None if active else max((i.idle_since for i in infos if i.idle_since), default=None),
+                "error": next((i.error for i in infos if i.error), None),
+            }
         )
-

@@ -9,6 +9,8 @@ from pathlib import Path
 
 from deployments.demo_models import gguf_llama, idefics3
 
+logger = logging.getLogger("deployments.demo_models")
+
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
@@ -20,11 +22,11 @@ def main() -> None:
         started = time.perf_counter()
         paths = gguf_llama.generate(spec, args.dir, force=args.force)
         sizes = ", ".join(f"{p.name} ({p.stat().st_size / 2**20:.1f} MiB)" for p in paths)
-        logging.info("%s ready in %.1fs: %s", spec.name, time.perf_counter() - started, sizes)
+        logger.info("%s ready in %.1fs: %s", spec.name, time.perf_counter() - started, sizes)
     started = time.perf_counter()
     folder = idefics3.generate(args.dir, force=args.force)
     size = sum(f.stat().st_size for f in folder.iterdir())
-    logging.info("%s ready in %.1fs: %s (%.1f MiB)", idefics3.NAME, time.perf_counter() - started, folder, size / 2**20)
+    logger.info("%s ready in %.1fs: %s (%.1f MiB)", idefics3.NAME, time.perf_counter() - started, folder, size / 2**20)
 
 
 if __name__ == "__main__":

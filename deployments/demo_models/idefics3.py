@@ -151,7 +151,9 @@ def generate(directory: Path, *, force: bool = False) -> Path:
     model.save_pretrained(tmp)
     processor.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
-    (tmp / "generation_config.json").write_text(json.dumps({"do_sample": False, "eos_token_id": tokenizer.eos_token_id}))
+    (tmp / "generation_config.json").write_text(
+        json.dumps({"do_sample": False, "eos_token_id": tokenizer.eos_token_id})
+    )
     shutil.rmtree(target, ignore_errors=True)
     tmp.rename(target)
     logger.info("wrote %s", target)

@@ -13,6 +13,7 @@ import enum
 import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -25,6 +26,7 @@ class ModelStatus(enum.StrEnum):
     LOADED = "loaded"
     UNLOADED = "unloaded"
     FAILED = "failed"
+    MIXED = "mixed"  # replicas disagree (e.g. one loaded, one failed): ``ModelInfo.replicas`` counts them
 
 
 class SamplingParams(BaseModel):
@@ -87,6 +89,15 @@ class Delta:
         return Delta("".join(d.text for d in deltas), deltas[-1].finish_reason, deltas[-1].usage)
 
 
+@dataclass(frozen=True, slots=True)
+class ModelFacts:
+    """What a model's files say about it, known without loading it."""
+
+    name: str  # the model's own name: GGUF file stem, checkpoint folder name
+    size_bytes: int
+    quantization: str | None
+
+
 class ModelInfo(BaseModel):
     """What a replica reports about its model (nika's ``ModelInfo`` plus serving state)."""
 
@@ -98,6 +109,9 @@ class ModelInfo(BaseModel):
     context_length: int
     supports_vision: bool
     status: ModelStatus
+    replicas: dict[ModelStatus, int] = Field(
+        default_factory=dict, description="Replicas by status, as the router merged their reports."
+    )
     active_generations: int = 0
     idle_since: float | None = Field(
         default=None,
@@ -105,21 +119,46 @@ class ModelInfo(BaseModel):
     )
     error: str | None = None
 
+    @classmethod
+    def describe(cls, config: ModelConfig, facts: ModelFacts, status: ModelStatus, **state: Any) -> ModelInfo:
+        """The card of ``config``: the same whether a replica reports it or the router does for it."""
+        return cls(
+            id=config.name,
+            kind=config.kind,
+            name=facts.name,
+            size_bytes=facts.size_bytes,
+            quantization=facts.quantization,
+            context_length=config.context_size,
+            supports_vision=config.supports_vision,
+            status=status,
+            **state,
+        )
+
 
 class Engine(abc.ABC):
-    """One model in one replica.
-
-    ``generate`` is an async generator: it yields :class:`Delta` objects until the model
-    finishes, and when the consumer stops early (``aclose`` or task cancellation) it stops
-    the work in the engine before returning, so a cancelled request frees the engine
-    within one token.
-    """
+    """One model in one replica; ``generate`` states the stream contract."""
 
     kind: ClassVar[str]
+    default_max_ongoing_requests: ClassVar[int]  # Serve's per-replica bound, unless the config sets one
+    serve_loop_for_user_code: ClassVar[bool] = False  # see engines.engine_env
 
     def __init__(self, config: ModelConfig) -> None:
         self.config = config
+        self.facts = self.describe(config)
         self.idle_since: float | None = None  # set by the engine when its last generation ends
+
+    @classmethod
+    @abc.abstractmethod
+    def describe(cls, config: ModelConfig) -> ModelFacts:
+        """What the model's files say, without loading it; raise ``ModelLoadFailed`` for an unreadable file.
+
+        The router calls it too, for the card of a model no replica answers for.
+        """
+
+    @classmethod
+    def replica_env(cls, config: ModelConfig, cache_dir: Path) -> dict[str, str]:
+        """Environment variables a replica needs before the engine's libraries are imported."""
+        return {}
 
     def _generation_ended(self) -> None:
         """Engines call this as each generation ends, finished, failed or stopped."""
@@ -128,7 +167,7 @@ class Engine(abc.ABC):
 
     @abc.abstractmethod
     async def load(self) -> None:
-        """Load the model into memory; raise ``InvalidRequest``/``InferenceFailed`` with the reason."""
+        """Load the model into memory; raise ``ModelLoadFailed`` with the reason."""
 
     @abc.abstractmethod
     async def unload(self) -> None:
@@ -136,31 +175,16 @@ class Engine(abc.ABC):
 
     def info(self, status: ModelStatus, error: str | None = None) -> ModelInfo:
         """Describe the model; works whether or not it is loaded."""
-        return ModelInfo(
-            id=self.config.name,
-            kind=self.kind,
-            name=self.model_name(),
-            size_bytes=self.size_bytes(),
-            quantization=self.quantization(),
-            context_length=self.config.context_size,
-            supports_vision=self.config.supports_vision,
-            status=status,
-            active_generations=(active := self.active_generations()),
+        active = self.active_generations()
+        return ModelInfo.describe(
+            self.config,
+            self.facts,
+            status,
+            replicas={status: 1},
+            active_generations=active,
             idle_since=None if active else self.idle_since,
             error=error,
         )
-
-    @abc.abstractmethod
-    def model_name(self) -> str:
-        """The model's own name: GGUF file stem, checkpoint folder name."""
-
-    @abc.abstractmethod
-    def size_bytes(self) -> int:
-        """Bytes of the model on disk."""
-
-    @abc.abstractmethod
-    def quantization(self) -> str | None:
-        """The quantization of the weights as served."""
 
     @abc.abstractmethod
     def active_generations(self) -> int:
@@ -178,4 +202,16 @@ class Engine(abc.ABC):
 
     @abc.abstractmethod
     def generate(self, request: GenerationRequest) -> AsyncIterator[Delta]:
-        """Stream the completion of ``request``; requires a loaded model."""
+        """Stream the completion of ``request``; requires a loaded model.
+
+        The stream contract, which the replica enforces for every engine
+        (``replica.ModelReplica.generate``):
+
+        - a stream that completes ends with exactly one delta carrying ``finish_reason`` and
+          ``usage``, and nothing after it;
+        - a generation that cannot complete raises a ``ServeError`` saying why (request
+          validation: ``InvalidRequest``; the model unloaded meanwhile: ``ModelNotLoaded``; the
+          engine failed: ``InferenceFailed``), never ends quietly;
+        - when the consumer stops early (``aclose`` or task cancellation) the engine stops the
+          work before returning, so a cancelled request frees the engine within one step.
+        """

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import logging
 import threading
 from collections import Counter
 from collections.abc import AsyncIterator, Callable
@@ -24,9 +25,11 @@ import gguf
 import numpy as np
 
 from deployments.config import GGUFModelConfig
-from deployments.engines.base import Delta, Engine, GenerationRequest, Usage
-from deployments.errors import InferenceFailed, InvalidRequest, ModelNotLoaded
+from deployments.engines.base import Delta, Engine, GenerationRequest, ModelFacts, Usage
+from deployments.errors import InferenceFailed, InvalidRequest, ModelLoadFailed, ModelNotLoaded, ServeError
 from deployments.quantization import resolve_gguf_quantization
+
+logger = logging.getLogger("ray.serve")
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,6 +40,13 @@ class GGUFFacts:
     quantization: str | None
     trained_context_length: int | None
     tensor_types: dict[str, int]
+
+
+def _read_facts(path: Path) -> GGUFFacts:
+    try:
+        return read_gguf_facts(path)
+    except Exception as exc:  # gguf's reader raises many types for a damaged file
+        raise ModelLoadFailed(f"{path.name} is not a readable GGUF file: {type(exc).__name__}: {exc}") from exc
 
 
 def read_gguf_facts(path: Path) -> GGUFFacts:
@@ -84,17 +94,19 @@ _DONE = object()
 
 class LlamaCppEngine(Engine):
     kind = "gguf"
+    # One generation at a time: the spare slots let control calls (info, reconfigure) and the
+    # next request reach the replica while it generates.
+    default_max_ongoing_requests = 4
 
     config: GGUFModelConfig
 
+    @classmethod
+    def describe(cls, config: GGUFModelConfig) -> ModelFacts:
+        facts = _read_facts(config.path)
+        return ModelFacts(config.path.stem, facts.size_bytes, facts.quantization)
+
     def __init__(self, config: GGUFModelConfig) -> None:
         super().__init__(config)
-        try:
-            self._facts = read_gguf_facts(config.path)
-        except Exception as exc:  # gguf's reader raises many types for a damaged file
-            raise InferenceFailed(
-                f"{config.path.name} is not a readable GGUF file: {type(exc).__name__}: {exc}", code="model_load_failed"
-            ) from exc
         # One thread: llama.cpp contexts are not thread-safe, and it serializes generations.
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"llama-{config.name}")
         self._llm: Any = None
@@ -127,10 +139,10 @@ class LlamaCppEngine(Engine):
                 verbose=False,
             )
         except ValueError as exc:  # llama-cpp-python's only signal for a file it cannot load
-            raise InferenceFailed(f"failed to load {cfg.path.name}: {exc}", code="model_load_failed") from exc
+            raise ModelLoadFailed(f"failed to load {cfg.path.name}: {exc}") from exc
         template = llm.metadata.get("tokenizer.chat_template")
         if template is None:
-            raise InferenceFailed(f"{cfg.path.name} has no tokenizer.chat_template", code="model_load_failed")
+            raise ModelLoadFailed(f"{cfg.path.name} has no tokenizer.chat_template")
         vocab = llm._model  # token text for the template's bos/eos variables
         self._formatter = Jinja2ChatFormatter(
             template=template,
@@ -151,21 +163,12 @@ class LlamaCppEngine(Engine):
             self._llm = self._formatter = None
             gc.collect()
 
-    def model_name(self) -> str:
-        return self.config.path.stem
-
-    def size_bytes(self) -> int:
-        return self._facts.size_bytes
-
-    def quantization(self) -> str | None:
-        return self._facts.quantization
-
     def active_generations(self) -> int:
         return self._active
 
     async def layer_types(self) -> dict[str, int]:
         """GGUF tensor types (``Q4_K``, ``Q6_K``, ``F32``, ...) as the file stores them."""
-        return self._facts.tensor_types
+        return (await asyncio.to_thread(_read_facts, self.config.path)).tensor_types
 
     # -- generation --------------------------------------------------------------------
 
@@ -186,12 +189,20 @@ class LlamaCppEngine(Engine):
         try:
             while (item := await queue.get()) is not _DONE:
                 yield item
-            job.result()  # re-raise what the worker raised
+            try:
+                job.result()  # re-raise what the worker raised
+            except ServeError:
+                raise
+            except Exception as exc:  # llama.cpp (or llama-cpp-python) failed: no internals to the client
+                logger.error("llama.cpp failed in request %s", request.request_id, exc_info=exc)
+                raise InferenceFailed(f"llama.cpp failed while generating ({type(exc).__name__})") from exc
         finally:
             stop.set()
             self._stop_flags.discard(stop)
 
-    def _generate_blocking(self, request: GenerationRequest, emit: Callable[[Delta], None], stop: threading.Event) -> None:
+    def _generate_blocking(
+        self, request: GenerationRequest, emit: Callable[[Delta], None], stop: threading.Event
+    ) -> None:
         if stop.is_set():  # cancelled while queued behind another generation
             return
         from llama_cpp import StoppingCriteriaList

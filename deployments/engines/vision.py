@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import json
+import logging
 import os
 import uuid
 from collections.abc import AsyncIterator
@@ -20,35 +21,12 @@ from pathlib import Path
 from typing import Any
 
 from deployments.config import VisionModelConfig
-from deployments.engines.base import Delta, Engine, GenerationRequest, Usage
-from deployments.errors import InferenceFailed, InvalidRequest, ModelNotLoaded
+from deployments.engines.base import Delta, Engine, GenerationRequest, ModelFacts, Usage
+from deployments.errors import InferenceFailed, InvalidRequest, ModelLoadFailed, ModelNotLoaded
 from deployments.images import open_rgb
 from deployments.quantization import resolve_isq
 
-
-def replica_env(config: VisionModelConfig, cache_dir: Path) -> dict[str, str]:
-    """Environment of a vLLM replica, set before vLLM is imported (Ray ``runtime_env``).
-
-    vLLM's caches, compiled kernels and IPC sockets go to the project's cache folder, never
-    to shared system paths; nothing is fetched from a hub. On CPU, vLLM must not pin its
-    threads to cores that llama.cpp replicas share, and uses as many threads as the replica
-    has CPUs, in the engine-core process itself.
-    """
-    env = {
-        "HF_HUB_OFFLINE": "1",
-        "TMPDIR": str(cache_dir / "tmp"),
-        "VLLM_RPC_BASE_PATH": str(cache_dir / "tmp"),
-        "VLLM_CACHE_ROOT": str(cache_dir / "vllm"),
-        "TORCHINDUCTOR_CACHE_DIR": str(cache_dir / "torchinductor"),
-    }
-    if config.platform == "cpu":
-        cpus = (config.deployment.ray_actor_options or {}).get("num_cpus", 1)
-        env |= {"VLLM_CPU_OMP_THREADS_BIND": "nobind", "OMP_NUM_THREADS": str(max(1, int(cpus)))}
-        # The model runs in the engine-core process (vLLM's "uni" executor). vLLM's CPU default puts
-        # it in a worker process of its own, and the engine core then busy-polls shared memory for
-        # its results: ~80% of a core spent waiting. AsyncLLM keeps its engine-core process either way.
-        env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
-    return env
+logger = logging.getLogger("ray.serve")
 
 
 def checkpoint_size_bytes(config: VisionModelConfig) -> int:
@@ -96,7 +74,39 @@ class WorkerInspection:
 
 class VLLMEngine(Engine):
     kind = "vision"
+    default_max_ongoing_requests = 32  # vLLM batches many requests (continuous batching)
+    serve_loop_for_user_code = True
     config: VisionModelConfig
+
+    @classmethod
+    def replica_env(cls, config: VisionModelConfig, cache_dir: Path) -> dict[str, str]:
+        """Environment of a vLLM replica, set before vLLM is imported (Ray ``runtime_env``).
+
+        vLLM's caches, compiled kernels and IPC sockets go to the project's cache folder, never
+        to shared system paths; nothing is fetched from a hub. On CPU, vLLM must not pin its
+        threads to cores that llama.cpp replicas share, and uses as many threads as the replica
+        has CPUs, in the engine-core process itself.
+        """
+        env = {
+            "HF_HUB_OFFLINE": "1",
+            "TMPDIR": str(cache_dir / "tmp"),
+            "VLLM_RPC_BASE_PATH": str(cache_dir / "tmp"),
+            "VLLM_CACHE_ROOT": str(cache_dir / "vllm"),
+            "TORCHINDUCTOR_CACHE_DIR": str(cache_dir / "torchinductor"),
+        }
+        if config.platform == "cpu":
+            cpus = (config.deployment.ray_actor_options or {}).get("num_cpus", 1)
+            env |= {"VLLM_CPU_OMP_THREADS_BIND": "nobind", "OMP_NUM_THREADS": str(max(1, int(cpus)))}
+            # The model runs in the engine-core process (vLLM's "uni" executor). vLLM's CPU default puts
+            # it in a worker process of its own, and the engine core then busy-polls shared memory for
+            # its results: ~80% of a core spent waiting. AsyncLLM keeps its engine-core process either way.
+            env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+        return env
+
+    @classmethod
+    def describe(cls, config: VisionModelConfig) -> ModelFacts:
+        isq = resolve_isq(config.isq, config.platform) if config.isq else None
+        return ModelFacts(config.path.name, checkpoint_size_bytes(config), isq or checkpoint_quantization(config))
 
     def __init__(self, config: VisionModelConfig) -> None:
         for var in ("TMPDIR", "VLLM_CACHE_ROOT", "TORCHINDUCTOR_CACHE_DIR"):
@@ -104,9 +114,9 @@ class VLLMEngine(Engine):
                 Path(os.environ[var]).mkdir(parents=True, exist_ok=True)
         super().__init__(config)
         self._isq = resolve_isq(config.isq, config.platform) if config.isq else None
-        self._size_bytes = checkpoint_size_bytes(config)
         self._engine: Any = None
         self._tokenizer: Any = None
+        self._requests: set[str] = set()  # in flight, for unload to abort
 
     def engine_kwargs(self) -> dict[str, Any]:
         """vLLM engine arguments of this model (also what a benchmark gives vLLM's own server)."""
@@ -137,24 +147,15 @@ class VLLMEngine(Engine):
             self._engine = AsyncLLM.from_engine_args(AsyncEngineArgs(**self.engine_kwargs()))
             self._tokenizer = self._engine.get_tokenizer()
         except Exception as exc:
-            raise InferenceFailed(
-                f"failed to load {self.config.path.name}: {type(exc).__name__}: {exc}", code="model_load_failed"
-            ) from exc
+            raise ModelLoadFailed(f"failed to load {self.config.path.name}: {type(exc).__name__}: {exc}") from exc
 
     async def unload(self) -> None:
         engine, self._engine, self._tokenizer = self._engine, None, None
         if engine is not None:
-            engine.shutdown()  # aborts in-flight requests and stops the engine-core process
+            # Abort first: shutdown alone leaves in-flight streams waiting for output forever.
+            await engine.abort(list(self._requests))
+            engine.shutdown()  # stops the engine-core process
             gc.collect()
-
-    def model_name(self) -> str:
-        return self.config.path.name
-
-    def size_bytes(self) -> int:
-        return self._size_bytes
-
-    def quantization(self) -> str | None:
-        return self._isq or checkpoint_quantization(self.config)
 
     def active_generations(self) -> int:
         """Requests vLLM itself still holds (not the replica's view)."""
@@ -214,27 +215,34 @@ class VLLMEngine(Engine):
     async def generate(self, request: GenerationRequest) -> AsyncIterator[Delta]:
         if self._engine is None:
             raise ModelNotLoaded(f"model {self.config.name} is not loaded")
-        from vllm.v1.engine.exceptions import EngineGenerateError
+        from vllm.v1.engine.exceptions import EngineDeadError, EngineGenerateError
 
         prompt, sampling = self._prompt(request), self._sampling(request)
         request_id = f"{request.request_id}-{uuid.uuid4().hex[:8]}"  # unique even if a caller retries an id
         prompt_tokens = completion_tokens = 0
+        accepted = False
+        self._requests.add(request_id)
         try:
             # aclosing: closing this stream aborts the request in vLLM now, not when it is collected.
             async with aclosing(self._engine.generate(prompt, sampling, request_id=request_id)) as outputs:
                 async for output in outputs:
+                    accepted = True
                     prompt_tokens = len(output.prompt_token_ids or ()) or prompt_tokens
                     completion = output.outputs[0]
                     completion_tokens += len(completion.token_ids)
                     if completion.text:
                         yield Delta(completion.text)
-                    if output.finished:
+                    if output.finished and completion.finish_reason != "abort":  # abort: ended by unload
                         usage = Usage(prompt_tokens, completion_tokens)
                         yield Delta("", finish_reason=completion.finish_reason or "stop", usage=usage)
-        except (ValueError, TypeError) as exc:  # vLLM's input validation (e.g. prompt too long)
+        except ValueError as exc:
+            if accepted:  # vLLM validates a request (prompt length, ...) before its first output
+                raise
             raise InvalidRequest(f"model {self.config.name} rejected the request: {exc}") from None
-        except EngineGenerateError as exc:
+        except (EngineGenerateError, EngineDeadError) as exc:
             cause = exc.__cause__ or exc
-            raise InferenceFailed(f"vLLM failed: {type(cause).__name__}: {cause}") from None
+            logger.error("vLLM failed in request %s", request.request_id, exc_info=cause)
+            raise InferenceFailed(f"vLLM failed while generating ({type(cause).__name__})") from None
         finally:
+            self._requests.discard(request_id)
             self._generation_ended()

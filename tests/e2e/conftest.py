@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import os
-import socket
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,15 +11,13 @@ from typing import Any
 import httpx
 import openai
 import pytest
-import ray
 from ray import serve
-from ray.cluster_utils import Cluster
 from ray.serve.context import _get_global_client
 from ray.serve.schema import ServeApplicationSchema, ServeDeploySchema
 
 from deployments.app import DEFAULT_APP_NAME, IMPORT_PATH
 from deployments.config import AppConfig
-from deployments.constants import CLUSTER_ENV
+from tests.conftest import RayCluster, free_port, poll
 
 APP_NAME = DEFAULT_APP_NAME
 DEPLOY_TIMEOUT_S = 300  # two vLLM engines and two llama.cpp models on 2 cores
@@ -58,16 +53,6 @@ def e2e_config(
             "models": gguf + vlms,
         }
     )
-
-
-def poll(predicate: Callable[[], Any], timeout_s: float, what: str) -> float:
-    """Wait until ``predicate()`` is truthy; return the seconds it took. Fails at the deadline."""
-    started = time.monotonic()
-    while not predicate():
-        if time.monotonic() - started > timeout_s:
-            raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
-        time.sleep(0.01)
-    return time.monotonic() - started
 
 
 @dataclass
@@ -135,44 +120,18 @@ class ServeApp:
             self._deploy()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="session")
-def app(models_dir: Path) -> Iterator[ServeApp]:
-    http_options = {"host": "127.0.0.1", "port": _free_port()}
+def app(ray_cluster: RayCluster, models_dir: Path) -> Iterator[ServeApp]:
+    http_options = {"host": "127.0.0.1", "port": free_port()}
     base_url = f"http://127.0.0.1:{http_options['port']}"
-    # One multi-node Ray cluster for the whole session, inside this machine: a head, a CPU worker
-    # (custom resource cpu_node) and a worker standing in for GPU nodes (gpu_node). Logical CPUs:
-    # the replicas' reservations add up to more than the 2 real cores.
-    metrics_ports = [_free_port() for _ in range(3)]
-    os.environ.update(CLUSTER_ENV)  # every node's processes inherit it, Serve's proxy included
-    cluster = Cluster(
-        initialize_head=True,
-        head_node_args={
-            "num_cpus": 8,
-            "resources": {"head_node": 1},
-            "include_dashboard": False,
-            "metrics_export_port": metrics_ports[0],
-            "object_store_memory": 512 * 2**20,
-            "_system_config": {"metrics_report_interval_ms": 1000},
-        },
-    )
-    cluster.add_node(num_cpus=3, resources={"cpu_node": 4}, metrics_export_port=metrics_ports[1])
-    cluster.add_node(num_cpus=3, resources={"gpu_node": 4}, metrics_export_port=metrics_ports[2])
-    ray.init(address=cluster.address, logging_level="WARNING")
     serve.start(proxy_location="HeadOnly", http_options=http_options)
     with httpx.Client(base_url=base_url, timeout=60) as http:
-        metrics_urls = [f"http://127.0.0.1:{port}/metrics" for port in metrics_ports]
-        served = ServeApp(base_url, models_dir, http, http_options, metrics_urls, {APP_NAME: e2e_config(models_dir)})
+        served = ServeApp(
+            base_url, models_dir, http, http_options, ray_cluster.metrics_urls, {APP_NAME: e2e_config(models_dir)}
+        )
         served._deploy()
         yield served
     serve.shutdown()
-    ray.shutdown()
-    cluster.shutdown()
 
 
 @pytest.fixture

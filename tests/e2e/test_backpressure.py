@@ -15,7 +15,12 @@ SIDE = "backpressure"
 
 
 def test_past_max_queued_requests_the_answer_is_503_with_retry_after(app: ServeApp) -> None:
-    one_slot = {"num_replicas": 1, "max_ongoing_requests": 1, "max_queued_requests": 1, "ray_actor_options": {"num_cpus": 1}}
+    one_slot = {
+        "num_replicas": 1,
+        "max_ongoing_requests": 1,
+        "max_queued_requests": 1,
+        "ray_actor_options": {"num_cpus": 1},
+    }
     config = e2e_config(app.models_dir, medium={"deployment": one_slot}, vision=False)
     with app.side_app(SIDE, config) as base_url:
         router = serve.get_app_handle(SIDE).options(stream=True)

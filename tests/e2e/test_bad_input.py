@@ -12,7 +12,10 @@ from tests.e2e.conftest import ServeApp, chat
 
 pytestmark = pytest.mark.e2e
 
-IMAGE = {"type": "image_url", "image_url": {"url": "data:image/png;base64," + base64.b64encode(b"\x89PNG junk").decode()}}
+IMAGE = {
+    "type": "image_url",
+    "image_url": {"url": "data:image/png;base64," + base64.b64encode(b"\x89PNG junk").decode()},
+}
 
 
 def body(**fields: Any) -> bytes:
@@ -64,11 +67,18 @@ CORPUS: dict[str, tuple[bytes, dict[str, str], int, str]] = {
     "undecodable image": (body(model="vision", messages=msg([IMAGE])), {}, 400, "image 1:"),
     "remote image": (
         body(model="vision", messages=msg([{"type": "image_url", "image_url": {"url": "http://10.0.0.1/x.png"}}])),
-        {}, 400, "remote image URLs are refused",
+        {},
+        400,
+        "remote image URLs are refused",
     ),
     "too many messages": (body(model="tiny", messages=msg("hi") * 300), {}, 400, "too many messages"),
     "prompt beyond the context": (body(**chat(content="word " * 3000)), {}, 400, "exceeds the context"),
-    "wrong content type": (body(**chat()), {"content-type": "text/plain"}, 415, "Content-Type must be application/json"),
+    "wrong content type": (
+        body(**chat()),
+        {"content-type": "text/plain"},
+        415,
+        "Content-Type must be application/json",
+    ),
     "form content type": (b"model=tiny", {"content-type": "application/x-www-form-urlencoded"}, 415, "Content-Type"),
     "body too large": (b"{" + b" " * (65 * 2**20) + b"}", {}, 413, "exceeds the limit"),
 }
@@ -81,7 +91,9 @@ def test_the_corpus_is_large_enough() -> None:
 @pytest.mark.parametrize("case", list(CORPUS))
 def test_bad_input_is_a_4xx_saying_what_to_fix(app: ServeApp, case: str) -> None:
     raw, headers, status, fragment = CORPUS[case]
-    response = app.http.post("/v1/chat/completions", content=raw, headers={"content-type": "application/json"} | headers)
+    response = app.http.post(
+        "/v1/chat/completions", content=raw, headers={"content-type": "application/json"} | headers
+    )
     assert response.status_code == status, response.text[:500]
     error = response.json()["error"]
     assert fragment in error["message"], error

@@ -84,14 +84,25 @@ def test_seed_makes_sampling_reproducible(client: openai.OpenAI) -> None:
 
 
 def test_stop_sequence_ends_the_text_before_it(client: openai.OpenAI) -> None:
-    reference = client.chat.completions.create(
-        model="tiny", messages=[{"role": "user", "content": "x"}], max_tokens=30, temperature=0,
-        extra_body={"ignore_eos": True},
-    ).choices[0].message.content
+    reference = (
+        client.chat.completions.create(
+            model="tiny",
+            messages=[{"role": "user", "content": "x"}],
+            max_tokens=30,
+            temperature=0,
+            extra_body={"ignore_eos": True},
+        )
+        .choices[0]
+        .message.content
+    )
     stop = reference[len(reference) // 2 : len(reference) // 2 + 3]
     assert stop.strip(), reference
     stopped = client.chat.completions.create(
-        model="tiny", messages=[{"role": "user", "content": "x"}], max_tokens=30, temperature=0, stop=[stop],
+        model="tiny",
+        messages=[{"role": "user", "content": "x"}],
+        max_tokens=30,
+        temperature=0,
+        stop=[stop],
         extra_body={"ignore_eos": True},
     )
     assert stopped.choices[0].finish_reason == "stop"

@@ -33,8 +33,12 @@ def test_a_replica_killed_mid_request_fails_it_clearly_and_is_replaced(app: Serv
 
         def replaced() -> None:  # Serve starts a new replica; the next requests succeed
             poll(
-                lambda: httpx.post(f"{base_url}/v1/chat/completions", json=chat("medium", max_tokens=3), timeout=30)
-                .status_code == 200,
+                lambda: (
+                    httpx.post(
+                        f"{base_url}/v1/chat/completions", json=chat("medium", max_tokens=3), timeout=30
+                    ).status_code
+                    == 200
+                ),
                 120,
                 "a new medium replica",
             )
@@ -78,19 +82,31 @@ def test_a_model_that_fails_to_load_is_reported_and_the_others_keep_serving(app:
     config = AppConfig.model_validate(
         {
             "models": [
-                {"name": "tiny", "kind": "gguf", "path": str(app.models_dir / "tiny-llama-Q4_K_M.gguf"),
-                 "deployment": {"ray_actor_options": {"num_cpus": 0.5}}},
+                {
+                    "name": "tiny",
+                    "kind": "gguf",
+                    "path": str(app.models_dir / "tiny-llama-Q4_K_M.gguf"),
+                    "deployment": {"ray_actor_options": {"num_cpus": 0.5}},
+                },
                 {"name": "broken", "kind": "gguf", "path": str(broken_gguf), "deployment": once},
-                {"name": "tokenless", "kind": "vision", "path": str(no_tokenizer), "kv_cache_bytes": 2**25,
-                 "deployment": once},
+                {
+                    "name": "tokenless",
+                    "kind": "vision",
+                    "path": str(no_tokenizer),
+                    "kv_cache_bytes": 2**25,
+                    "deployment": once,
+                },
             ]
         }
     )
     side = "failing"
     with app.side_app(side, config, may_fail=True) as base_url:
         client = openai.OpenAI(base_url=f"{base_url}/v1", api_key="unused", max_retries=0)
-        poll(lambda: serve.status().applications[side].deployments["model-tokenless"].status != "UPDATING", 120,
-             "the vision replica to give up")
+        poll(
+            lambda: serve.status().applications[side].deployments["model-tokenless"].status != "UPDATING",
+            120,
+            "the vision replica to give up",
+        )
         cards = {m.id: m.model_dump() for m in client.models.list()}
         assert cards["broken"]["status"] == "failed"
         assert "broken-Q4_0.gguf is not a readable GGUF file" in cards["broken"]["error"]
@@ -117,14 +133,26 @@ def test_a_stalled_engine_ends_its_requests_by_deadline_and_serve_restarts_the_r
     import psutil
 
     vision = {
-        "name": "vision", "kind": "vision", "path": str(app.models_dir / "tiny-idefics3"), "context_size": 32768,
-        "kv_cache_bytes": 80 * 2**20, "stall_timeout_s": 3,
-        "deployment": {"health_check_period_s": 1, "health_check_timeout_s": 10, "ray_actor_options": {"num_cpus": 0.5}},
+        "name": "vision",
+        "kind": "vision",
+        "path": str(app.models_dir / "tiny-idefics3"),
+        "context_size": 32768,
+        "kv_cache_bytes": 80 * 2**20,
+        "stall_timeout_s": 3,
+        "deployment": {
+            "health_check_period_s": 1,
+            "health_check_timeout_s": 10,
+            "ray_actor_options": {"num_cpus": 0.5},
+        },
     }
     side = "stalled"
     with app.side_app(side, AppConfig.model_validate({"models": [vision]})) as base_url:
         before = replica_pid(side, "vision")
-        (core,) = [p for p in psutil.Process(before).children(recursive=True) if "EngineCore" in " ".join(p.cmdline()) or "EngineCore" in p.name()]
+        (core,) = [
+            p
+            for p in psutil.Process(before).children(recursive=True)
+            if "EngineCore" in " ".join(p.cmdline()) or "EngineCore" in p.name()
+        ]
         body = chat("vision", content="go", stream=True, max_tokens=30000, ignore_eos=True, chunk_timeout_s=1)
         try:
             with httpx.Client(base_url=base_url, timeout=60) as http:

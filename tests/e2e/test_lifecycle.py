@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -43,7 +44,9 @@ def test_unload_then_load_again_in_place(app: ServeApp, client: openai.OpenAI) -
             "code": "model_not_loaded",
         }
         # The other model is untouched.
-        assert client.chat.completions.create(model="medium", messages=[{"role": "user", "content": "hi"}], max_tokens=3)
+        assert client.chat.completions.create(
+            model="medium", messages=[{"role": "user", "content": "hi"}], max_tokens=3
+        )
     finally:
         set_model_loaded("tiny", True)
     assert app.model_card("tiny")["status"] == "loaded"
@@ -65,3 +68,20 @@ def test_unload_applies_to_every_replica_and_the_cli_drives_it(app: ServeApp) ->
         assert app.model_card("tiny")["status"] == "loaded"  # the main app's model is another deployment
         unknown = subprocess.run([*cli, "unload", "nope", "--app", SIDE], capture_output=True, text=True, timeout=120)
         assert unknown.returncode != 0 and "model 'nope' not found" in unknown.stderr
+
+
+@pytest.mark.parametrize("model", ["medium", "vision"])
+def test_unloading_mid_stream_ends_the_stream_with_an_error_not_done(app: ServeApp, model: str) -> None:
+    """Both engines: the stream in flight gets a terminal error event, never a bare ``[DONE]``."""
+    body = chat(model, stream=True, max_tokens=3000, ignore_eos=True)
+    try:
+        with app.http.stream("POST", "/v1/chat/completions", json=body) as response:
+            lines = response.iter_lines()
+            next(line for line in lines if '"content"' in line)
+            set_model_loaded(model, False)
+            events = [line.removeprefix("data: ") for line in lines if line.startswith("data: ")]
+    finally:
+        set_model_loaded(model, True)
+    assert events[-1] == "[DONE]"
+    assert json.loads(events[-2])["error"]["code"] == "model_unloaded"
+    assert not any('"finish_reason":"' in event for event in events)

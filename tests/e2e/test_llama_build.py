@@ -26,7 +26,9 @@ print(out["choices"][0]["text"])
 def test_quantized_models_generate(models_dir: Path, quantization: str) -> None:
     path = gguf_llama.MEDIUM.path(models_dir, quantization)
     result = subprocess.run([sys.executable, "-c", GENERATE, str(path)], capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0, f"generation from {path.name} failed (rc={result.returncode}): {result.stderr[-2000:]}"
+    assert result.returncode == 0, (
+        f"generation from {path.name} failed (rc={result.returncode}): {result.stderr[-2000:]}"
+    )
     assert result.stdout.strip()
 
 
@@ -34,7 +36,9 @@ def test_the_build_is_portable() -> None:
     """No AVX-512/AMX kernels: the wheel must run on every x86-64 node with AVX2."""
     info = subprocess.run(
         [sys.executable, "-c", "import llama_cpp; print(llama_cpp.llama_print_system_info().decode())"],
-        capture_output=True, text=True, check=True,
+        capture_output=True,
+        text=True,
+        check=True,
     ).stdout
     assert "AVX2 = 1" in info
     assert "AVX512 = 1" not in info and "AMX_INT8 = 1" not in info, info

@@ -18,11 +18,19 @@ def test_replicas_land_where_their_resources_are_and_streams_cross_nodes(app: Se
         {
             "router": {"deployment": {"ray_actor_options": {"num_cpus": 0.5, "resources": {"head_node": 0.01}}}},
             "models": [
-                {"name": "tiny", "kind": "gguf", "path": str(app.models_dir / "tiny-llama-Q4_K_M.gguf"),
-                 "deployment": {"ray_actor_options": {"num_cpus": 0.5, "resources": {"cpu_node": 0.01}}}},
-                {"name": "vision", "kind": "vision", "path": str(app.models_dir / "tiny-idefics3"),
-                 "kv_cache_bytes": 2**25,
-                 "deployment": {"ray_actor_options": {"num_cpus": 0.5, "resources": {"gpu_node": 1}}}},
+                {
+                    "name": "tiny",
+                    "kind": "gguf",
+                    "path": str(app.models_dir / "tiny-llama-Q4_K_M.gguf"),
+                    "deployment": {"ray_actor_options": {"num_cpus": 0.5, "resources": {"cpu_node": 0.01}}},
+                },
+                {
+                    "name": "vision",
+                    "kind": "vision",
+                    "path": str(app.models_dir / "tiny-idefics3"),
+                    "kv_cache_bytes": 2**25,
+                    "deployment": {"ray_actor_options": {"num_cpus": 0.5, "resources": {"gpu_node": 1}}},
+                },
             ],
         }
     )
@@ -40,9 +48,15 @@ def test_replicas_land_where_their_resources_are_and_streams_cross_nodes(app: Se
 
         client = openai.OpenAI(base_url=f"{base_url}/v1", api_key="unused", max_retries=0)
         for model in ("tiny", "vision"):  # the router on the head, the model on a worker node
-            chunks = list(client.chat.completions.create(
-                model=model, messages=[{"role": "user", "content": "hi"}], max_tokens=8, stream=True,
-                stream_options={"include_usage": True}, extra_body={"ignore_eos": True},
-            ))
+            chunks = list(
+                client.chat.completions.create(
+                    model=model,
+                    messages=[{"role": "user", "content": "hi"}],
+                    max_tokens=8,
+                    stream=True,
+                    stream_options={"include_usage": True},
+                    extra_body={"ignore_eos": True},
+                )
+            )
             assert chunks[-1].usage.completion_tokens == 8
             assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)

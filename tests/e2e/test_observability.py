@@ -43,16 +43,20 @@ def test_prometheus_metrics_after_real_traffic(app: ServeApp) -> None:
 
     # A finished stream, a fired deadline, an abandoned stream, a refused request, a bad image.
     assert app.http.post("/v1/chat/completions", json=chat(max_tokens=8, ignore_eos=True)).status_code == 200
-    timed_out = app.http.post("/v1/chat/completions", json=chat("medium", max_tokens=500, ignore_eos=True,
-                                                                  request_timeout_s=0.3))
+    timed_out = app.http.post(
+        "/v1/chat/completions", json=chat("medium", max_tokens=500, ignore_eos=True, request_timeout_s=0.3)
+    )
     assert timed_out.status_code == 504
     with httpx.Client(base_url=app.base_url, timeout=30) as http:
-        with http.stream("POST", "/v1/chat/completions",
-                         json=chat("medium", stream=True, max_tokens=500, ignore_eos=True)) as response:
+        with http.stream(
+            "POST", "/v1/chat/completions", json=chat("medium", stream=True, max_tokens=500, ignore_eos=True)
+        ) as response:
             lines = response.iter_lines()
             next(line for line in lines if '"content"' in line)
     assert app.http.post("/v1/chat/completions", json=chat("no-such-model")).status_code == 404
-    bad_image = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}]}]
+    bad_image = [
+        {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}]}
+    ]
     assert app.http.post("/v1/chat/completions", json=chat("vision", messages=bad_image)).status_code == 400
 
     def exported() -> bool:

@@ -45,7 +45,10 @@ def test_a_model_scales_up_under_load_and_back_down(app: ServeApp) -> None:
             poll(lambda: app.active_generations("medium", app=side) >= 1, 60, "medium to start generating")
             poll(lambda: running_replicas(side, "model-medium") == 2, 60, "a second medium replica")
             # Both replicas serve.
-            assert httpx.post(f"{base_url}/v1/chat/completions", json=chat("medium", max_tokens=3), timeout=60).status_code == 200
+            assert (
+                httpx.post(f"{base_url}/v1/chat/completions", json=chat("medium", max_tokens=3), timeout=60).status_code
+                == 200
+            )
         finally:
             for stream in load:
                 stream.cancel()
@@ -94,7 +97,9 @@ def test_removing_an_app_drains_its_in_flight_streams(app: ServeApp) -> None:
     with httpx.Client(timeout=120) as http:
         with app.side_app("drained", config) as base_url:
             response_cm = http.stream(
-                "POST", f"{base_url}/v1/chat/completions", json=chat("medium", stream=True, max_tokens=200, ignore_eos=True)
+                "POST",
+                f"{base_url}/v1/chat/completions",
+                json=chat("medium", stream=True, max_tokens=200, ignore_eos=True),
             )
             response = response_cm.__enter__()
             lines = response.iter_lines()

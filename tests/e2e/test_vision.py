@@ -37,7 +37,10 @@ def vision_messages(*images: str, text: str = "What is in this image?") -> list[
 
 def greedy(client: openai.OpenAI, *images: str, model: str = "vision", max_tokens: int = 16) -> str:
     response = client.chat.completions.create(
-        model=model, messages=vision_messages(*images), max_tokens=max_tokens, temperature=0,
+        model=model,
+        messages=vision_messages(*images),
+        max_tokens=max_tokens,
+        temperature=0,
         extra_body={"ignore_eos": True},
     )
     return response.choices[0].message.content
@@ -54,8 +57,13 @@ def test_image_chat_non_streaming_and_streaming_agree(client: openai.OpenAI) -> 
     assert whole.usage.prompt_tokens > 4  # the image's tokens are in the prompt
     chunks = list(
         client.chat.completions.create(
-            model="vision", messages=vision_messages(RED), max_tokens=12, temperature=0, stream=True,
-            stream_options={"include_usage": True}, extra_body={"ignore_eos": True},
+            model="vision",
+            messages=vision_messages(RED),
+            max_tokens=12,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+            extra_body={"ignore_eos": True},
         )
     )
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
@@ -95,7 +103,9 @@ def test_greedy_output_matches_hf_transformers(app: ServeApp, client: openai.Ope
     model = Idefics3ForConditionalGeneration.from_pretrained(path).eval()
     for color in ("red", (20, 200, 90)):
         image = png(color)
-        messages = [{"role": "user", "content": [{"type": "text", "text": "What is in this image?"}, {"type": "image"}]}]
+        messages = [
+            {"role": "user", "content": [{"type": "text", "text": "What is in this image?"}, {"type": "image"}]}
+        ]
         prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
         inputs = processor(text=prompt, images=[Image.open(io.BytesIO(image)).convert("RGB")], return_tensors="pt")
         with torch.no_grad():
@@ -111,11 +121,14 @@ def tiff() -> bytes:
 
 def bomb_png(width: int = 20000, height: int = 20000) -> bytes:
     """A tiny PNG whose header claims 400 megapixels (its data is never reached)."""
+
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
     header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+    return (
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+    )
 
 
 BAD_IMAGES = {
@@ -171,8 +184,9 @@ def test_cancellation_mid_stream_aborts_the_request_in_vllm(app: ServeApp) -> No
 
 
 def test_chunk_deadline_ends_a_vision_stream_with_the_sse_error_event(app: ServeApp) -> None:
-    body = chat("vision", messages=vision_messages(RED), stream=True, max_tokens=30000, ignore_eos=True,
-                chunk_timeout_s=0.0005)
+    body = chat(
+        "vision", messages=vision_messages(RED), stream=True, max_tokens=30000, ignore_eos=True, chunk_timeout_s=0.0005
+    )
     with app.http.stream("POST", "/v1/chat/completions", json=body) as response:
         assert response.status_code == 200
         events = [line for line in response.iter_lines() if line.startswith("data: ")]
@@ -185,9 +199,11 @@ def test_handle_api_infer_vision(app: ServeApp) -> None:
     router = serve.get_app_handle(APP_NAME)
     completion = router.infer_vision.remote(chat("vision", messages=vision_messages(RED), max_tokens=4)).result()
     assert completion["usage"]["completion_tokens"] <= 4
-    chunks = list(router.options(stream=True).infer_vision_stream.remote(
-        chat("vision", messages=vision_messages(RED), max_tokens=4, temperature=0)
-    ))
+    chunks = list(
+        router.options(stream=True).infer_vision_stream.remote(
+            chat("vision", messages=vision_messages(RED), max_tokens=4, temperature=0)
+        )
+    )
     assert chunks[0]["choices"][0]["delta"]["role"] == "assistant"
     from deployments.errors import InvalidRequest
 

@@ -55,7 +55,7 @@ def test_every_serve_config_passes_rays_schema_and_ours(path: str) -> None:
 
 
 def _must_match(config: dict[str, Any]) -> dict[str, Any]:
-    """What the cluster may not change: the API, the models and how they answer."""
+    """What the cluster may not change: the API, the models and how they answer (a cluster adds a key)."""
     (app,) = config["applications"]
     args = app["args"]
     models = [
@@ -63,7 +63,7 @@ def _must_match(config: dict[str, Any]) -> dict[str, Any]:
         | {"deadlines": model.get("deadlines", {}).get("default")}
         for model in args["models"]
     ]
-    router = {key: value for key, value in args["router"].items() if key != "deployment"}
+    router = {key: value for key, value in args["router"].items() if key not in ("deployment", "api_key_env")}
     return {
         "app": (app["name"], app["route_prefix"], app["import_path"]),
         "port": config["http_options"]["port"],
@@ -74,6 +74,20 @@ def _must_match(config: dict[str, Any]) -> dict[str, Any]:
 
 def test_the_cluster_config_does_not_drift_from_serve_config_yaml() -> None:
     assert _must_match(load(CLUSTER / "serve_config.gpu.yaml")) == _must_match(load(ROOT / "serve_config.yaml"))
+
+
+def test_local_by_default_and_a_key_wherever_the_network_can_reach() -> None:
+    assert load(ROOT / "serve_config.yaml")["http_options"]["host"] == "127.0.0.1"
+    cluster = load(CLUSTER / "serve_config.gpu.yaml")
+    (app,) = cluster["applications"]
+    assert cluster["http_options"]["host"] == "0.0.0.0" and app["args"]["router"]["api_key_env"] == "NIKA_API_KEY"
+    ray_up = load(CLUSTER / "ray-cluster.yaml")
+    starts = [c for c in ray_up["head_start_ray_commands"] + ray_up["worker_start_ray_commands"] if "ray start" in c]
+    assert all("NIKA_API_KEY=" in c for c in starts)
+    groups = load(CLUSTER / "rayservice.yaml")["spec"]["rayClusterConfig"]["workerGroupSpecs"]
+    router_group = next(g for g in groups if g["groupName"] == "cpu-workers")  # the router's resource: cpu_node
+    env = router_group["template"]["spec"]["containers"][0]["env"]
+    assert any(e["name"] == "NIKA_API_KEY" and "secretKeyRef" in e["valueFrom"] for e in env)
 
 
 def test_every_place_that_starts_ray_sets_the_cluster_env() -> None:

@@ -9,7 +9,9 @@ from deployments.errors import (
     Cancelled,
     InferenceFailed,
     InferenceTimeout,
+    InternalError,
     InvalidRequest,
+    ModelLoadFailed,
     ModelNotFound,
     ModelNotLoaded,
     Overloaded,
@@ -25,6 +27,8 @@ from deployments.errors import (
         (ModelNotFound("x"), 404, "invalid_request_error"),
         (Cancelled("x"), 499, "cancelled"),
         (InferenceFailed("x"), 502, "server_error"),
+        (InternalError("x"), 500, "server_error"),
+        (ModelLoadFailed("x"), 503, "service_unavailable"),
         (ModelNotLoaded("x"), 503, "service_unavailable"),
         (Overloaded("x"), 503, "service_unavailable"),
         (InferenceTimeout("x", code="chunk_timeout"), 504, "timeout_error"),
@@ -47,7 +51,14 @@ def test_classification_is_by_type() -> None:
     assert isinstance(as_serve_error(asyncio.CancelledError()), Cancelled)
     assert isinstance(as_serve_error(ray_exceptions.ActorDiedError()), InferenceFailed)
     assert as_serve_error(ray_exceptions.ActorDiedError()).code == "replica_died"
-    unknown = as_serve_error(ValueError("boom"))
-    assert isinstance(unknown, InferenceFailed) and "ValueError: boom" in unknown.message
     original = ModelNotLoaded("model m is not loaded")
     assert as_serve_error(original) is original
+
+
+def test_an_unclassified_error_is_internal_and_leaks_nothing(caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level("ERROR", logger="ray.serve"):
+        unknown = as_serve_error(ValueError("secret path /etc/x"))
+    assert isinstance(unknown, InternalError) and unknown.status_code == 500
+    assert "secret" not in unknown.message and "ValueError" not in unknown.message
+    assert "request id" in unknown.message
+    assert "secret path /etc/x" in caplog.text  # the details are in the log

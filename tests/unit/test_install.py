@@ -7,7 +7,9 @@ import sys
 
 import pytest
 
-ON_GPU = shutil.which("nvidia-smi") is not None and subprocess.run(["nvidia-smi", "-L"], capture_output=True).returncode == 0
+ON_GPU = (
+    shutil.which("nvidia-smi") is not None and subprocess.run(["nvidia-smi", "-L"], capture_output=True).returncode == 0
+)
 
 
 @pytest.mark.skipif(ON_GPU, reason="GPU installs keep vLLM's CUDA torchvision")

@@ -8,8 +8,10 @@ from deployments.serving import parse_request
 
 def test_chunks_carry_the_role_first_the_finish_reason_then_usage() -> None:
     factory = ChunkFactory("id-1", "m", include_usage=True)
-    chunks = factory.chunks(Delta("Hel")) + factory.chunks(Delta("lo")) + factory.chunks(
-        Delta("", finish_reason="stop", usage=Usage(3, 2))
+    chunks = (
+        factory.chunks(Delta("Hel"))
+        + factory.chunks(Delta("lo"))
+        + factory.chunks(Delta("", finish_reason="stop", usage=Usage(3, 2)))
     )
     assert [c["choices"][0]["delta"] if c["choices"] else None for c in chunks] == [
         {"content": "Hel", "role": "assistant"},

@@ -73,8 +73,12 @@ def test_renamed_file_reports_the_metadata_type(models_dir: Path, tmp_path: Path
 
 @pytest.mark.parametrize(
     ("isq", "platform", "method"),
-    [("FP8", "cpu", "fp8_per_channel"), ("fp8", "cpu", "fp8_per_channel"), ("FP8", "cuda", "fp8"),
-     ("fp8_per_block", "cuda", "fp8_per_block")],
+    [
+        ("FP8", "cpu", "fp8_per_channel"),
+        ("fp8", "cpu", "fp8_per_channel"),
+        ("FP8", "cuda", "fp8"),
+        ("fp8_per_block", "cuda", "fp8_per_block"),
+    ],
 )
 def test_isq_names_map_to_what_vllm_really_does(isq: str, platform: str, method: str) -> None:
     assert resolve_isq(isq, platform) == method

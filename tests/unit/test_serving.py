@@ -1,0 +1,183 @@
+"""``ChatService`` without Serve: fake handles stand in for the model deployments."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from deployments.config import AppConfig
+from deployments.engines.base import Delta, ModelFacts, ModelInfo, ModelStatus, Usage
+from deployments.errors import InferenceTimeout, InternalError, InvalidRequest, ModelNotFound, Overloaded
+from deployments.serving import ChatService, parse_request
+from tests.fakes import fake_gguf
+
+
+class FakeResponse:
+    """A ``DeploymentResponseGenerator``: an async iterator of deltas that can be cancelled."""
+
+    def __init__(self, deltas: list[Delta], gap_s: float = 0.0, fail: BaseException | None = None) -> None:
+        self.deltas, self.gap_s, self.fail = deltas, gap_s, fail
+        self.cancelled = False
+        self._it = self._run()
+
+    async def _run(self) -> AsyncIterator[Delta]:
+        for delta in self.deltas:
+            await asyncio.sleep(self.gap_s)
+            yield delta
+        if self.fail is not None:
+            raise self.fail
+
+    def __aiter__(self) -> FakeResponse:
+        return self
+
+    async def __anext__(self) -> Delta:
+        return await anext(self._it)
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
+class FakeMethod:
+    def __init__(self, handle: FakeHandle) -> None:
+        self.handle = handle
+
+    def remote(self, request: Any) -> FakeResponse:
+        self.handle.requests.append(request)
+        if isinstance(self.handle.script, BaseException):
+            raise self.handle.script
+        self.handle.response = FakeResponse(**self.handle.script)
+        return self.handle.response
+
+
+class FakeBroadcast:
+    def __init__(self, reports: list[Any]) -> None:
+        self.reports = reports
+
+    async def results_async(self, timeout_s: float, return_exceptions: bool) -> list[Any]:
+        return self.reports
+
+
+class FakeHandle:
+    """A ``DeploymentHandle`` of one model: ``script`` is the next response (or the error ``remote`` raises)."""
+
+    def __init__(self) -> None:
+        self.script: dict[str, Any] | BaseException = {"deltas": [Delta("hi"), Delta("", "stop", Usage(1, 1))]}
+        self.reports: list[Any] = []
+        self.requests: list[Any] = []
+        self.response: FakeResponse | None = None
+        self.generate = FakeMethod(self)
+
+    def options(self, **_: Any) -> FakeHandle:
+        return self
+
+    def broadcast(self, method: str) -> FakeBroadcast:
+        assert method == "info"
+        return FakeBroadcast(self.reports)
+
+
+@pytest.fixture
+def gguf(tmp_path: Path) -> Path:
+    path = tmp_path / "m-Q8_0.gguf"
+    fake_gguf(str(path))
+    return path
+
+
+@pytest.fixture
+def handle() -> FakeHandle:
+    return FakeHandle()
+
+
+@pytest.fixture
+def service(gguf: Path, handle: FakeHandle) -> ChatService:
+    config = AppConfig.model_validate({"models": [{"name": "m", "kind": "gguf", "path": str(gguf)}]})
+    return ChatService(config, {"m": handle})  # type: ignore[dict-item]
+
+
+def body(**fields: Any) -> Any:
+    return parse_request({"model": "m", "messages": [{"role": "user", "content": "hi"}], **fields})
+
+
+async def collect(service: ChatService, **fields: Any) -> list[dict[str, Any]]:
+    prepared = await service.prepare(body(**fields), "id-1")
+    return [chunk async for chunk in service.stream(prepared, "id-1")]
+
+
+def test_prepare_resolves_sampling_deadlines_and_refuses_what_cannot_work(service: ChatService) -> None:
+    prepared = asyncio.run(service.prepare(body(temperature=0, max_tokens=7, chunk_timeout_s=2), "id"))
+    assert (prepared.request.sampling.temperature, prepared.request.sampling.max_tokens) == (0, 7)
+    assert prepared.deadlines.chunk_timeout_s == 2 and prepared.deadlines.first_chunk_timeout_s == 60
+    with pytest.raises(ModelNotFound, match="available models: m"):
+        asyncio.run(service.prepare(body().model_copy(update={"model": "x"}), "id"))
+    with pytest.raises(InvalidRequest, match="below the context size"):
+        asyncio.run(service.prepare(body(max_tokens=4096), "id"))
+    with pytest.raises(InvalidRequest, match="exceeds the maximum"):
+        asyncio.run(service.prepare(body(request_timeout_s=10**6), "id"))
+
+
+def test_stream_and_complete_share_the_deltas(service: ChatService) -> None:
+    chunks = asyncio.run(collect(service, stream_options={"include_usage": True}))
+    assert [c["choices"][0]["delta"].get("content") for c in chunks if c["choices"]] == ["hi", None]
+    assert chunks[-1]["usage"] == {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}
+    prepared = asyncio.run(service.prepare(body(), "id-2"))
+    completion = asyncio.run(service.complete(prepared, "id-2"))
+    assert completion["choices"][0] == {
+        "index": 0,
+        "message": {"role": "assistant", "content": "hi"},
+        "finish_reason": "stop",
+    }
+
+
+def test_a_deadline_cancels_the_replica_call(service: ChatService, handle: FakeHandle) -> None:
+    handle.script = {"deltas": [Delta("a"), Delta("b")], "gap_s": 0.5}
+    with pytest.raises(InferenceTimeout) as info:
+        asyncio.run(collect(service, first_chunk_timeout_s=0.05))
+    assert info.value.code == "first_chunk_timeout"
+    assert handle.response is not None and handle.response.cancelled
+
+
+def test_errors_are_classified_and_the_replica_call_cancelled(service: ChatService, handle: FakeHandle) -> None:
+    from ray.serve.exceptions import BackPressureError
+
+    handle.script = BackPressureError(num_queued_requests=1, max_queued_requests=1)
+    with pytest.raises(Overloaded):
+        asyncio.run(collect(service))
+    handle.script = {"deltas": [Delta("a")], "fail": KeyError("internal detail")}
+    with pytest.raises(InternalError) as info:
+        asyncio.run(collect(service))
+    assert "internal detail" not in info.value.message
+    assert handle.response is not None and handle.response.cancelled
+
+
+def test_an_abandoned_stream_cancels_the_replica_call(service: ChatService, handle: FakeHandle) -> None:
+    async def take_one() -> None:
+        prepared = await service.prepare(body(), "id")
+        stream = service.stream(prepared, "id")
+        await anext(stream)
+        await stream.aclose()
+
+    asyncio.run(take_one())
+    assert handle.response is not None and handle.response.cancelled
+
+
+def info(service: ChatService, status: ModelStatus, active: int = 0, error: str | None = None) -> ModelInfo:
+    """One replica's report."""
+    model = service._models["m"]
+    facts = ModelFacts("m-Q8_0", 10, "Q8_0")
+    return ModelInfo.describe(model, facts, status, replicas={status: 1}, active_generations=active, error=error)
+
+
+def test_model_cards_merge_replicas_and_show_a_mixed_state(service: ChatService, handle: FakeHandle) -> None:
+    handle.reports = [info(service, ModelStatus.LOADED, active=2), info(service, ModelStatus.LOADED, active=1)]
+    (card,) = asyncio.run(service.list_models())
+    assert (card["status"], card["replicas"], card["active_generations"]) == ("loaded", {"loaded": 2}, 3)
+    handle.reports = [
+        info(service, ModelStatus.LOADED),
+        info(service, ModelStatus.FAILED, error="bad weights"),
+        TimeoutError(),
+    ]
+    (card,) = asyncio.run(service.list_models())
+    assert (card["status"], card["replicas"], card["error"]) == ("mixed", {"loaded": 1, "failed": 1}, "bad weights")
