@@ -33,9 +33,13 @@ def build_model(model: ModelConfig, cache_dir: Path, make_engine: EngineFactory 
     return deployment.bind(model.model_dump(mode="json"), make_engine)
 
 
-def build_app(args: dict[str, Any] | AppConfig, *, make_engine: EngineFactory = engine_for) -> Application:
-    """The application of a config; ``make_engine`` replaces the real engines (tests inject a fake)."""
-    config = args if isinstance(args, AppConfig) else AppConfig.model_validate(args)
+def build_app(args: dict[str, Any] | AppConfig) -> Application:
+    """The application of a config (Serve's builder signature: one argument)."""
+    return bind_app(args if isinstance(args, AppConfig) else AppConfig.model_validate(args))
+
+
+def bind_app(config: AppConfig, make_engine: EngineFactory = engine_for) -> Application:
+    """The application of a validated config; ``make_engine`` replaces the real engines (tests inject a fake)."""
     models = {model.name: build_model(model, config.cache_dir, make_engine) for model in config.models}
     router = Router.options(**router_deployment_options(config.router))
     return router.bind(config.model_dump(mode="json"), models)

@@ -16,7 +16,7 @@ import openai
 import pytest
 from ray import serve
 
-from deployments.app import build_app
+from deployments.app import bind_app
 from deployments.config import AppConfig
 from tests.conftest import RayCluster, free_port, poll
 from tests.fakes import FakeEngine, fake_gguf
@@ -60,7 +60,7 @@ class FakeApp:
 
     def redeploy(self, config: AppConfig, wait: bool = True) -> None:
         """Deploy ``config`` as the app; ``wait=False`` returns at once (for apps that may fail)."""
-        app = build_app(config, make_engine=FakeEngine)
+        app = bind_app(config, FakeEngine)
         serve._run(app, name=APP, route_prefix="/", _blocking=wait)  # serve.run's own, with the wait optional
 
 
