@@ -184,6 +184,38 @@ class GGUFModelConfig(ModelConfigBase):
     seed: int | None = Field(
         default=None, ge=0, description="Sampling seed when a request sets none; unset draws a new one per request."
     )
+    parallel: PositiveInt = Field(
+        default=1,
+        description="Sequences one replica decodes together in one llama.cpp context (continuous batching); "
+        "at most llama.cpp's limit (llama_max_parallel_sequences).",
+    )
+    batch_tokens: PositiveInt = Field(
+        default=C.DEFAULT_BATCH_TOKENS,
+        description="Tokens decoded per step (n_batch): running sequences' next tokens plus prompt chunks.",
+    )
+    kv_cache_tokens: PositiveInt | None = Field(
+        default=None,
+        description="KV-cache cells shared by all sequences of a replica (default: context_size x parallel); "
+        "finished sequences keep theirs as a prefix cache until new requests need them.",
+    )
+
+    @field_validator("parallel")
+    @classmethod
+    def _within_llama_limit(cls, value: int) -> int:
+        import llama_cpp
+
+        limit = llama_cpp.llama_max_parallel_sequences()
+        if value > limit:
+            raise ValueError(f"parallel={value} exceeds llama.cpp's limit of {limit} sequences per context")
+        return value
+
+    @model_validator(mode="after")
+    def _kv_pool(self) -> GGUFModelConfig:
+        if self.kv_cache_tokens is None:
+            object.__setattr__(self, "kv_cache_tokens", self.context_size * self.parallel)
+        elif self.kv_cache_tokens < self.context_size:
+            raise ValueError(f"kv_cache_tokens={self.kv_cache_tokens} must hold one context ({self.context_size})")
+        return self
 
     @field_validator("path")
     @classmethod

@@ -1,6 +1,7 @@
 """Defaults in one place, with their units in their names."""
 
 DEFAULT_CONTEXT_SIZE = 2048
+DEFAULT_BATCH_TOKENS = 512  # llama.cpp tokens per decode step (its n_ubatch default)
 DEFAULT_MAX_TOKENS = 256
 DEFAULT_TEMPERATURE = 0.8
 DEFAULT_TOP_P = 0.95
@@ -23,7 +24,7 @@ MAX_STREAM_INTERVAL_S = 1.0
 DEFAULT_STALL_TIMEOUT_S = 60.0
 
 # Serve options (see replica.model_deployment_options and router.router_deployment_options);
-# each engine sets its own max_ongoing_requests (Engine.default_max_ongoing_requests).
+# each engine sets its own max_ongoing_requests and autoscaling target (engines.base.Engine).
 DEFAULT_MODEL_MAX_QUEUED_REQUESTS = 64
 DEFAULT_ROUTER_MAX_ONGOING_REQUESTS = 256
 DEFAULT_ROUTER_MAX_QUEUED_REQUESTS = 1024
@@ -48,6 +49,9 @@ SERVE_DATA_PATH_ENV = {
 # at concurrency 8: 511-572 -> 747-998 output tokens/s. The Makefile and cluster/ carry copies,
 # kept equal by tests/unit/test_cluster_files.py.
 CLUSTER_ENV = {"RAY_SERVE_PROXY_USE_GRPC": "1"}
+
+# Replicas publish their engine's counters (batch size, KV-cache usage, ...) this often.
+METRICS_INTERVAL_S = 1.0
 
 # Control calls (model info) from the router to replicas must not hang /v1/models.
 MODEL_INFO_TIMEOUT_S = 5.0

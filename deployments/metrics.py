@@ -34,6 +34,10 @@ class RouterMetrics:
 class ReplicaMetrics:
     requests_running: Gauge
     requests_waiting: Gauge
+    kv_cache_usage_perc: Gauge
+    batch_size: Gauge
+    prefix_cache_queries: Counter
+    prefix_cache_hits: Counter
 
 
 @functools.cache

@@ -42,17 +42,22 @@ def deployment_name(model_name: str) -> str:
 def model_deployment_options(model: ModelConfig, cache_dir: Path) -> dict[str, Any]:
     """Serve options of a model's deployment: its config over the model defaults.
 
-    Each engine says how many requests one replica takes at once; Serve's caller-side queue,
-    bounded by ``max_queued_requests``, holds the rest.
+    Each engine says how many requests one replica takes at once (a batching llama.cpp replica:
+    its ``parallel`` sequences and a few more) and what autoscaling should aim for per replica;
+    Serve's caller-side queue, bounded by ``max_queued_requests``, holds the rest.
     """
+    engine = engine_class(model.kind)
     defaults = {
-        "max_ongoing_requests": engine_class(model.kind).default_max_ongoing_requests,
+        "max_ongoing_requests": engine.max_ongoing_requests(model),
         "max_queued_requests": C.DEFAULT_MODEL_MAX_QUEUED_REQUESTS,
         "max_constructor_retry_count": C.DEFAULT_MODEL_MAX_CONSTRUCTOR_RETRY_COUNT,
         "ray_actor_options": {"num_cpus": 1},
     }
-    env = engine_env(model, cache_dir)
-    return {"user_config": {"loaded": model.loaded}} | model.deployment.serve_options(defaults, env)
+    options = model.deployment.serve_options(defaults, engine_env(model, cache_dir))
+    target = engine.target_ongoing_requests(model)
+    if "autoscaling_config" in options and target is not None:
+        options["autoscaling_config"] = {"target_ongoing_requests": target} | options["autoscaling_config"]
+    return {"user_config": {"loaded": model.loaded}} | options
 
 
 class ModelReplica:
@@ -67,6 +72,8 @@ class ModelReplica:
         self._in_flight = 0
         self._last_progress = time.monotonic()
         self._metrics, self._tags = replica_metrics(), {"model": self._config.name}
+        self._counted = {"prefix_cache_queries": 0, "prefix_cache_hits": 0}  # counter values published so far
+        self._publisher: asyncio.Task[None] | None = None
 
     async def reconfigure(self, user_config: dict[str, Any]) -> None:
         """Apply ``{"loaded": bool}``: load or unload the model on this replica."""
@@ -78,6 +85,7 @@ class ModelReplica:
                 # First: new requests are refused, and streams the unload ends can say why.
                 self._status = ModelStatus.UNLOADED
                 await self._engine.unload()
+                self._counted = dict.fromkeys(self._counted, 0)  # a new engine counts from zero
                 logger.info("model %s unloaded", self._config.name)
 
     async def _load(self) -> None:
@@ -124,6 +132,8 @@ class ModelReplica:
         self._in_flight += 1
         if self._in_flight == 1:  # the silence clock runs only while there is work
             self._last_progress = time.monotonic()
+        if self._publisher is None:
+            self._publisher = asyncio.get_running_loop().create_task(self._publish_periodically())
         self._report_load()
         last: Delta | None = None
         try:
@@ -150,6 +160,21 @@ class ModelReplica:
         return InferenceFailed(f"model {name} ended the generation without finishing it", code="generation_incomplete")
 
     def _report_load(self) -> None:
-        running = min(self._in_flight, self._engine.active_generations() or (1 if self._in_flight else 0))
+        """Running: sequences the engine decodes (its own count); waiting: the rest of this replica's requests."""
+        stats = self._engine.stats()
+        running = min(self._in_flight, int(stats.get("running", self._engine.active_generations())))
         self._metrics.requests_running.set(running, self._tags)
         self._metrics.requests_waiting.set(self._in_flight - running, self._tags)
+        if "kv_cache_usage_perc" in stats:
+            self._metrics.kv_cache_usage_perc.set(stats["kv_cache_usage_perc"], self._tags)
+            self._metrics.batch_size.set(stats["batch_size"], self._tags)
+        for name, published in self._counted.items():
+            if stats.get(name, published) > published:
+                getattr(self._metrics, name).inc(stats[name] - published, self._tags)
+                self._counted[name] = int(stats[name])
+
+    async def _publish_periodically(self) -> None:
+        """The engine's counters move every step: publish them once per interval, not per token."""
+        while True:
+            await asyncio.sleep(C.METRICS_INTERVAL_S)
+            self._report_load()

@@ -85,6 +85,20 @@ def _facts(model: ModelConfig) -> ModelFacts:
         return ModelFacts(model.path.stem, model.path.stat().st_size if model.path.is_file() else 0, None)
 
 
+# Engine stats that describe one replica rather than add up over replicas: the highest is shown.
+_PER_REPLICA_STATS = frozenset({"parallel", "kv_cache_usage_perc", "peak_batch_size"})
+
+
+def _merge_stats(reports: list[dict[str, float]]) -> dict[str, float]:
+    merged: dict[str, float] = {}
+    for stats in reports:
+        for name, value in stats.items():
+            merged[name] = (
+                max(merged.get(name, value), value) if name in _PER_REPLICA_STATS else merged.get(name, 0) + value
+            )
+    return merged
+
+
 def _cancel(response: DeploymentResponseGenerator) -> None:
     """Cancel a handle call; never raises (``cancel`` re-raises a failed call's error)."""
     try:
@@ -274,6 +288,7 @@ class ChatService:
         active = sum(i.active_generations for i in infos)
         return infos[0].model_copy(
             update={
+                "engine_stats": _merge_stats([i.engine_stats for i in infos]),
                 "status": next(iter(replicas)) if len(replicas) == 1 else ModelStatus.MIXED,
                 "replicas": replicas,
                 "active_generations": active,

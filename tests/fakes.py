@@ -46,7 +46,10 @@ def scripted(script: Script | None = None, **chat: object) -> dict[str, object]:
 
 class FakeEngine(Engine):
     kind = "gguf"
-    default_max_ongoing_requests = 8
+
+    @classmethod
+    def max_ongoing_requests(cls, config: ModelConfig) -> int:
+        return 8
 
     @classmethod
     def describe(cls, config: ModelConfig) -> ModelFacts:

@@ -63,6 +63,7 @@ class GenerationRequest(BaseModel):
 class Usage:
     prompt_tokens: int
     completion_tokens: int
+    cached_tokens: int = 0  # prompt tokens whose KV cells came from the cache
 
     @property
     def total_tokens(self) -> int:
@@ -113,6 +114,9 @@ class ModelInfo(BaseModel):
         default_factory=dict, description="Replicas by status, as the router merged their reports."
     )
     active_generations: int = 0
+    engine_stats: dict[str, float] = Field(
+        default_factory=dict, description="The engine's own counters, summed over replicas (ratios: the highest)."
+    )
     idle_since: float | None = Field(
         default=None,
         description="Unix time the engine last finished or stopped a generation; None while it generates.",
@@ -139,7 +143,6 @@ class Engine(abc.ABC):
     """One model in one replica; ``generate`` states the stream contract."""
 
     kind: ClassVar[str]
-    default_max_ongoing_requests: ClassVar[int]  # Serve's per-replica bound, unless the config sets one
     serve_loop_for_user_code: ClassVar[bool] = False  # see engines.engine_env
 
     def __init__(self, config: ModelConfig) -> None:
@@ -154,6 +157,20 @@ class Engine(abc.ABC):
 
         The router calls it too, for the card of a model no replica answers for.
         """
+
+    @classmethod
+    @abc.abstractmethod
+    def max_ongoing_requests(cls, config: ModelConfig) -> int:
+        """Serve's bound on the requests one replica holds, unless the config sets one."""
+
+    @classmethod
+    def target_ongoing_requests(cls, config: ModelConfig) -> int | None:
+        """The autoscaling target per replica (what one replica runs at once); None: Serve's default."""
+        return None
+
+    def stats(self) -> dict[str, float]:
+        """The engine's own counters (batch size, KV-cache usage, prefix-cache hits, ...)."""
+        return {}
 
     @classmethod
     def replica_env(cls, config: ModelConfig, cache_dir: Path) -> dict[str, str]:
@@ -182,6 +199,7 @@ class Engine(abc.ABC):
             status,
             replicas={status: 1},
             active_generations=active,
+            engine_stats=self.stats(),
             idle_since=None if active else self.idle_since,
             error=error,
         )

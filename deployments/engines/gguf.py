@@ -1,35 +1,37 @@
-"""llama.cpp engine: a local GGUF file served by llama-cpp-python.
+"""llama.cpp engine: a local GGUF file on llama-cpp-python's low-level API, continuously batched.
 
-llama.cpp contexts are not thread-safe and generation is blocking, so every call into the
-model (load, generate, unload) runs on one worker thread owned by the engine: one
-generation at a time, the event loop never blocked. A per-request stop flag is checked at
-every sampled token (from a stopping criterion, which llama.cpp calls once per token even
-while stop-string matching holds text back), so a cancelled request frees the engine within one
-token.
+Up to ``parallel`` requests run together in one llama.cpp context (one copy of the model, one
+shared KV pool) under the scheduler in ``engines.llama_scheduler``, which owns the context on
+its own thread. The event loop only tokenizes, submits, and relays each sequence's deltas; a
+cancelled or disconnected request leaves the batch at the next step and frees its KV cells.
+``parallel: 1`` runs the same code one request at a time.
 """
 
 from __future__ import annotations
 
 import asyncio
-import gc
 import logging
-import threading
 from collections import Counter
-from collections.abc import AsyncIterator, Callable
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import gguf
-import numpy as np
 
 from deployments.config import GGUFModelConfig
-from deployments.engines.base import Delta, Engine, GenerationRequest, ModelFacts, Usage
-from deployments.errors import InferenceFailed, InvalidRequest, ModelLoadFailed, ModelNotLoaded, ServeError
+from deployments.engines.base import Delta, Engine, GenerationRequest, ModelFacts
+from deployments.engines.llama_scheduler import END, Scheduler, Sequence
+from deployments.errors import InvalidRequest, ModelLoadFailed, ModelNotLoaded
 from deployments.quantization import resolve_gguf_quantization
 
 logger = logging.getLogger("ray.serve")
+
+# llama.cpp's "pick a random seed" (LLAMA_DEFAULT_SEED).
+RANDOM_SEED = 0xFFFFFFFF
+# Beyond the sequences it runs, a replica takes this many more requests: control calls (info,
+# reconfigure) reach it while it generates, and the next request is ready the moment a slot frees.
+SPARE_ONGOING_REQUESTS = 3
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,33 +73,8 @@ def _assigned_cpus() -> int:
     return max(1, int(cpus))
 
 
-class _TokenWatch:
-    """A llama.cpp stopping criterion: called once per sampled token, in Python.
-
-    It ends the generation when the stop flag is set, and counts completion tokens
-    (llama-cpp-python's stream carries no usage): the ids it sees are the prompt plus the
-    tokens evaluated so far, which is one behind the token just sampled.
-    """
-
-    def __init__(self, stop: threading.Event, prompt_tokens: int) -> None:
-        self.stop = stop
-        self.prompt_tokens = prompt_tokens
-        self.completion_tokens = 0
-
-    def __call__(self, input_ids: np.ndarray, logits: np.ndarray) -> bool:
-        self.completion_tokens = max(self.completion_tokens, len(input_ids) - self.prompt_tokens + 1)
-        return self.stop.is_set()
-
-
-_DONE = object()
-
-
 class LlamaCppEngine(Engine):
     kind = "gguf"
-    # One generation at a time: the spare slots let control calls (info, reconfigure) and the
-    # next request reach the replica while it generates.
-    default_max_ongoing_requests = 4
-
     config: GGUFModelConfig
 
     @classmethod
@@ -105,66 +82,95 @@ class LlamaCppEngine(Engine):
         facts = _read_facts(config.path)
         return ModelFacts(config.path.stem, facts.size_bytes, facts.quantization)
 
+    @classmethod
+    def max_ongoing_requests(cls, config: GGUFModelConfig) -> int:
+        return config.parallel + SPARE_ONGOING_REQUESTS
+
+    @classmethod
+    def target_ongoing_requests(cls, config: GGUFModelConfig) -> int:
+        return config.parallel
+
     def __init__(self, config: GGUFModelConfig) -> None:
         super().__init__(config)
-        # One thread: llama.cpp contexts are not thread-safe, and it serializes generations.
-        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"llama-{config.name}")
-        self._llm: Any = None
+        self._model: Any = None  # llama_cpp._internals.LlamaModel
+        self._context: Any = None  # llama_cpp._internals.LlamaContext
         self._formatter: Any = None
-        self._stop_flags: set[threading.Event] = set()
+        self._scheduler: Scheduler | None = None
         self._active = 0
 
     # -- lifecycle ---------------------------------------------------------------------
 
     async def load(self) -> None:
-        await asyncio.get_running_loop().run_in_executor(self._worker, self._load_blocking)
+        await asyncio.to_thread(self._load_blocking)
 
     def _load_blocking(self) -> None:
         import llama_cpp
+        from llama_cpp._internals import LlamaContext, LlamaModel
+        from llama_cpp._logger import set_verbose
         from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
+        set_verbose(False)  # llama.cpp's own log: errors only (what Llama(verbose=False) does)
         cfg = self.config
+        model_params = llama_cpp.llama_model_default_params()
+        model_params.n_gpu_layers = 0x7FFFFFFF if cfg.gpu_layers == -1 else cfg.gpu_layers
+        try:
+            model = LlamaModel(path_model=str(cfg.path), params=model_params, verbose=False)
+        except ValueError as exc:  # llama-cpp-python's only signal for a file it cannot load
+            raise ModelLoadFailed(f"failed to load {cfg.path.name}: {exc}") from exc
+        template = model.metadata().get("tokenizer.chat_template")
+        if template is None:
+            model.close()
+            raise ModelLoadFailed(f"{cfg.path.name} has no tokenizer.chat_template")
         # Prompt processing too: llama.cpp's default there is every core of the node, which
         # oversubscribes the CPUs when replicas share a node, and its spinning thread barriers
         # then stall (measured: 2 replicas on 2 cores ran no faster than 1).
         threads = cfg.n_threads or _assigned_cpus()
+        params = llama_cpp.llama_context_default_params()
+        params.n_ctx = cfg.kv_cache_tokens
+        params.n_batch = params.n_ubatch = cfg.batch_tokens
+        params.n_seq_max = cfg.parallel
+        params.n_threads = params.n_threads_batch = threads
+        params.kv_unified = True  # one pool: any sequence may use any cell, up to context_size
         try:
-            llm = llama_cpp.Llama(
-                model_path=str(cfg.path),
-                n_ctx=cfg.context_size,
-                n_gpu_layers=cfg.gpu_layers,
-                n_threads=threads,
-                n_threads_batch=threads,
-                seed=cfg.seed,
-                verbose=False,
-            )
-        except ValueError as exc:  # llama-cpp-python's only signal for a file it cannot load
-            raise ModelLoadFailed(f"failed to load {cfg.path.name}: {exc}") from exc
-        template = llm.metadata.get("tokenizer.chat_template")
-        if template is None:
-            raise ModelLoadFailed(f"{cfg.path.name} has no tokenizer.chat_template")
-        vocab = llm._model  # token text for the template's bos/eos variables
+            context = LlamaContext(model=model, params=params, verbose=False)
+        except ValueError as exc:
+            model.close()
+            raise ModelLoadFailed(f"llama.cpp could not create a context for {cfg.path.name}: {exc}") from exc
         self._formatter = Jinja2ChatFormatter(
             template=template,
-            bos_token=vocab.token_get_text(llm.token_bos()),
-            eos_token=vocab.token_get_text(llm.token_eos()),
+            bos_token=model.token_get_text(model.token_bos()),
+            eos_token=model.token_get_text(model.token_eos()),
         )
-        self._llm = llm
+        self._model, self._context = model, context
+        self._scheduler = Scheduler(
+            llama_cpp,
+            context.ctx,
+            model.vocab,
+            parallel=cfg.parallel,
+            n_batch=cfg.batch_tokens,
+            kv_cells=cfg.kv_cache_tokens,
+        )
 
     async def unload(self) -> None:
-        for flag in list(self._stop_flags):
-            flag.set()
-        # Queued behind any generation still finishing its current token.
-        await asyncio.get_running_loop().run_in_executor(self._worker, self._unload_blocking)
-
-    def _unload_blocking(self) -> None:
-        if self._llm is not None:
-            self._llm.close()
-            self._llm = self._formatter = None
-            gc.collect()
+        scheduler, self._scheduler = self._scheduler, None
+        if scheduler is not None:  # running streams end without a final delta: the replica says why
+            await asyncio.to_thread(scheduler.stop)
+        if self._context is not None:
+            self._context.close()
+            self._model.close()
+            self._model = self._context = self._formatter = None
 
     def active_generations(self) -> int:
         return self._active
+
+    def stats(self) -> dict[str, float]:
+        """The scheduler's counters and ``parallel`` (the sequences one context runs at once)."""
+        stats = self._scheduler.stats.as_dict() if self._scheduler else {}
+        return {"parallel": self.config.parallel, **stats}
+
+    async def check_health(self, timeout_s: float) -> None:
+        if self._scheduler is not None and not self._scheduler.alive:
+            raise RuntimeError(f"the llama.cpp scheduler of model {self.config.name} has stopped")
 
     async def layer_types(self) -> dict[str, int]:
         """GGUF tensor types (``Q4_K``, ``Q6_K``, ``F32``, ...) as the file stores them."""
@@ -172,76 +178,43 @@ class LlamaCppEngine(Engine):
 
     # -- generation --------------------------------------------------------------------
 
+    def _prompt_tokens(self, request: GenerationRequest) -> list[int]:
+        prompt = self._formatter(messages=list(request.messages))
+        tokens = self._model.tokenize(prompt.prompt.encode(), add_bos=not prompt.added_special, special=True)
+        max_tokens = request.sampling.max_tokens
+        if not tokens or len(tokens) + max_tokens > self.config.context_size:
+            raise InvalidRequest(
+                f"the prompt has {len(tokens)} tokens; with max_tokens={max_tokens} it exceeds the context "
+                f"of {self.config.context_size} tokens of model {self.config.name}; "
+                "shorten the messages or lower max_tokens",
+                code="context_length_exceeded",
+            )
+        return tokens
+
     async def generate(self, request: GenerationRequest) -> AsyncIterator[Delta]:
-        if self._llm is None:
+        scheduler = self._scheduler
+        if scheduler is None:
             raise ModelNotLoaded(f"model {self.config.name} is not loaded")
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[Any] = asyncio.Queue()
-        stop = threading.Event()
-        self._stop_flags.add(stop)
-
-        def emit(item: Delta) -> None:
-            loop.call_soon_threadsafe(queue.put_nowait, item)
-
-        job = loop.run_in_executor(self._worker, self._generate_blocking, request, emit, stop)
-        # Scheduled after every emit() of the job, so it is always the last item.
-        job.add_done_callback(lambda _: queue.put_nowait(_DONE))
-        try:
-            while (item := await queue.get()) is not _DONE:
-                yield item
-            try:
-                job.result()  # re-raise what the worker raised
-            except ServeError:
-                raise
-            except Exception as exc:  # llama.cpp (or llama-cpp-python) failed: no internals to the client
-                logger.error("llama.cpp failed in request %s", request.request_id, exc_info=exc)
-                raise InferenceFailed(f"llama.cpp failed while generating ({type(exc).__name__})") from exc
-        finally:
-            stop.set()
-            self._stop_flags.discard(stop)
-
-    def _generate_blocking(
-        self, request: GenerationRequest, emit: Callable[[Delta], None], stop: threading.Event
-    ) -> None:
-        if stop.is_set():  # cancelled while queued behind another generation
-            return
-        from llama_cpp import StoppingCriteriaList
-
-        llm = self._llm
-        if llm is None:
-            raise ModelNotLoaded(f"model {self.config.name} is not loaded")
+        seed = request.sampling.seed if request.sampling.seed is not None else self.config.seed
+        seq = Sequence(
+            request.request_id,
+            self._prompt_tokens(request),
+            request.sampling,
+            RANDOM_SEED if seed is None else seed & 0xFFFFFFFF,
+            lambda item: loop.call_soon_threadsafe(queue.put_nowait, item),
+        )
         self._active += 1
+        scheduler.submit(seq)
+        item = None
         try:
-            prompt = self._formatter(messages=list(request.messages))
-            tokens = llm.tokenize(prompt.prompt.encode(), add_bos=not prompt.added_special, special=True)
-            sampling = request.sampling
-            if len(tokens) + sampling.max_tokens > self.config.context_size:
-                raise InvalidRequest(
-                    f"the prompt has {len(tokens)} tokens; with max_tokens={sampling.max_tokens} it exceeds "
-                    f"the context of {self.config.context_size} tokens of model {self.config.name}; "
-                    "shorten the messages or lower max_tokens",
-                    code="context_length_exceeded",
-                )
-            watch = _TokenWatch(stop, len(tokens))
-            finish_reason = "stop"
-            for chunk in llm.create_completion(
-                prompt=tokens,
-                max_tokens=sampling.max_tokens,
-                temperature=sampling.temperature,
-                top_p=sampling.top_p,
-                top_k=sampling.top_k,
-                stop=[*sampling.stop, *(prompt.stop or [])],
-                seed=sampling.seed if sampling.seed is not None else self.config.seed,
-                stream=True,
-                stopping_criteria=StoppingCriteriaList([watch]),
-                logit_bias={llm.token_eos(): -1e9} if sampling.ignore_eos else None,
-            ):
-                choice = chunk["choices"][0]
-                if choice["text"]:
-                    emit(Delta(choice["text"]))
-                finish_reason = choice["finish_reason"] or finish_reason
-            if not stop.is_set():
-                emit(Delta("", finish_reason=finish_reason, usage=Usage(len(tokens), watch.completion_tokens)))
+            while (item := await queue.get()) is not END:
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
         finally:
+            if item is not END:  # the consumer left early, or the engine failed: free the slot
+                scheduler.cancel(seq)
             self._active -= 1
             self._generation_ended()

@@ -28,6 +28,8 @@ from deployments.quantization import resolve_isq
 
 logger = logging.getLogger("ray.serve")
 
+DEFAULT_MAX_ONGOING_REQUESTS = 32  # vLLM batches many requests (continuous batching)
+
 
 def checkpoint_size_bytes(config: VisionModelConfig) -> int:
     return sum(f.stat().st_size for f in config.path.iterdir() if f.is_file())
@@ -74,7 +76,6 @@ class WorkerInspection:
 
 class VLLMEngine(Engine):
     kind = "vision"
-    default_max_ongoing_requests = 32  # vLLM batches many requests (continuous batching)
     serve_loop_for_user_code = True
     config: VisionModelConfig
 
@@ -102,6 +103,10 @@ class VLLMEngine(Engine):
             # its results: ~80% of a core spent waiting. AsyncLLM keeps its engine-core process either way.
             env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
         return env
+
+    @classmethod
+    def max_ongoing_requests(cls, config: VisionModelConfig) -> int:
+        return DEFAULT_MAX_ONGOING_REQUESTS
 
     @classmethod
     def describe(cls, config: VisionModelConfig) -> ModelFacts:

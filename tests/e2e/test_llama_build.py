@@ -13,12 +13,28 @@ import pytest
 
 from deployments.demo_models import gguf_llama
 
+# Two sequences batched in one context, as the replicas run them.
 GENERATE = """
-import sys, llama_cpp
-llm = llama_cpp.Llama(sys.argv[1], n_ctx=256, verbose=False)
-out = llm.create_completion("hello", max_tokens=16, temperature=0, logit_bias={llm.token_eos(): -1e9})
-assert out["usage"]["completion_tokens"] == 16, out
-print(out["choices"][0]["text"])
+import asyncio, sys
+from deployments.config import GGUFModelConfig
+from deployments.engines.base import GenerationRequest, SamplingParams
+from deployments.engines.gguf import LlamaCppEngine
+
+async def main():
+    engine = LlamaCppEngine(GGUFModelConfig(name="m", path=sys.argv[1], parallel=2, context_size=256))
+    await engine.load()
+    sampling = SamplingParams(temperature=0, top_p=1, top_k=0, max_tokens=16, ignore_eos=True)
+    async def run(i):
+        messages = ({"role": "user", "content": f"hello {i}"},)
+        request = GenerationRequest(request_id=str(i), messages=messages, sampling=sampling)
+        return [delta async for delta in engine.generate(request)]
+    for deltas in await asyncio.gather(run(0), run(1)):
+        assert deltas[-1].usage.completion_tokens == 16, deltas
+        print("".join(d.text for d in deltas))
+    assert engine.stats()["peak_batch_size"] == 2
+    await engine.unload()
+
+asyncio.run(main())
 """
 
 

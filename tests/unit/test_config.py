@@ -166,3 +166,27 @@ def test_router_and_vllm_replicas_stream_on_serve_data_path_and_config_env_wins(
         assert deployment.ray_actor_options["runtime_env"]["env_vars"].items() >= SERVE_DATA_PATH_ENV.items()
     # llama.cpp replicas keep Serve's user-code thread; a config's own env_vars always win.
     assert replicas["g"].ray_actor_options["runtime_env"]["env_vars"] == {"RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "1"}
+
+
+@pytest.mark.parametrize(("parallel", "fragment"), [(0, "greater than 0"), (257, "exceeds llama.cpp's limit of 256")])
+def test_parallel_is_bounded_by_llama_cpp_and_named(models_dir: Path, parallel: int, fragment: str) -> None:
+    text = error_text({"models": [model(models_dir, parallel=parallel)]})
+    assert "models.0.gguf.parallel" in text and fragment in text
+
+
+def test_the_kv_pool_defaults_to_a_context_per_sequence_and_must_hold_one(models_dir: Path) -> None:
+    config = AppConfig.model_validate({"models": [model(models_dir, parallel=4, context_size=1024)]})
+    assert config.models[0].kv_cache_tokens == 4096
+    assert "must hold one context" in error_text({"models": [model(models_dir, kv_cache_tokens=100)]})
+
+
+def test_serve_defaults_follow_parallel(models_dir: Path) -> None:
+    autoscaled = {"autoscaling_config": {"min_replicas": 1, "max_replicas": 4}}
+    app = build_app({"models": [model(models_dir, parallel=8, deployment=autoscaled)]})
+    replica = app._bound_deployment.init_args[1]["m"]._bound_deployment
+    assert replica.max_ongoing_requests == 8 + 3  # the batch, and a few for control calls and the next request
+    assert replica._deployment_config.autoscaling_config.target_ongoing_requests == 8
+    explicit = {"autoscaling_config": {"min_replicas": 1, "max_replicas": 4, "target_ongoing_requests": 3}}
+    app = build_app({"models": [model(models_dir, parallel=8, deployment=explicit)]})
+    replica = app._bound_deployment.init_args[1]["m"]._bound_deployment
+    assert replica._deployment_config.autoscaling_config.target_ongoing_requests == 3

@@ -11,7 +11,7 @@ def test_chunks_carry_the_role_first_the_finish_reason_then_usage() -> None:
     chunks = (
         factory.chunks(Delta("Hel"))
         + factory.chunks(Delta("lo"))
-        + factory.chunks(Delta("", finish_reason="stop", usage=Usage(3, 2)))
+        + factory.chunks(Delta("", finish_reason="stop", usage=Usage(3, 2, cached_tokens=1)))
     )
     assert [c["choices"][0]["delta"] if c["choices"] else None for c in chunks] == [
         {"content": "Hel", "role": "assistant"},
@@ -20,7 +20,12 @@ def test_chunks_carry_the_role_first_the_finish_reason_then_usage() -> None:
         None,
     ]
     assert chunks[2]["choices"][0]["finish_reason"] == "stop"
-    assert chunks[-1]["usage"] == {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5}
+    assert chunks[-1]["usage"] == {
+        "prompt_tokens": 3,
+        "completion_tokens": 2,
+        "total_tokens": 5,
+        "prompt_tokens_details": {"cached_tokens": 1},
+    }
     assert all(c["usage"] is None for c in chunks[:-1])
     assert {c["id"] for c in chunks} == {"id-1"}
 

@@ -121,7 +121,7 @@ def test_prepare_resolves_sampling_deadlines_and_refuses_what_cannot_work(servic
 def test_stream_and_complete_share_the_deltas(service: ChatService) -> None:
     chunks = asyncio.run(collect(service, stream_options={"include_usage": True}))
     assert [c["choices"][0]["delta"].get("content") for c in chunks if c["choices"]] == ["hi", None]
-    assert chunks[-1]["usage"] == {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}
+    assert chunks[-1]["usage"]["total_tokens"] == 2
     prepared = asyncio.run(service.prepare(body(), "id-2"))
     completion = asyncio.run(service.complete(prepared, "id-2"))
     assert completion["choices"][0] == {

@@ -1,0 +1,341 @@
+"""Continuous batching for llama.cpp: many sequences in one context, one step at a time.
+
+Shaped like llama.cpp's own server (``tools/server``: a slot per sequence, one update loop).
+One thread owns the llama.cpp context. Each step it
+
+1. drops cancelled sequences (their KV cells are freed at once) and admits waiting ones into
+   free slots while the KV budget allows, reusing the longest cached prefix of any free slot;
+2. builds one batch: the next token of every generating sequence first, then prompt chunks of
+   the prefilling ones up to ``n_batch`` tokens, so a long prompt delays running streams by
+   at most one chunk per step;
+3. decodes it with one ``llama_decode``;
+4. samples each sequence that has logits through its own sampler chain, detokenizes, matches
+   stop strings, and emits its delta to the event loop.
+
+A slot whose sequence finished keeps its KV cells as a prefix cache until the budget needs them:
+a later request with the same system prompt or the previous turn of a chat prefills only the
+rest. The KV budget counts every running sequence at its full ``prompt + max_tokens``, so a
+running stream never runs out of cells and is never evicted; a request that does not fit waits.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from deployments.engines.base import Delta, SamplingParams, Usage
+from deployments.engines.text_stream import TextStream
+from deployments.errors import InferenceFailed
+
+logger = logging.getLogger("ray.serve")
+
+Emit = Callable[[Any], None]  # a Delta, an exception, or END; thread-safe towards the event loop
+END = object()  # the stream ends (after a final Delta, or early: the caller says why)
+
+
+@dataclass(eq=False, slots=True)
+class Sequence:
+    """One request inside the engine. ``cancelled`` is set from the event loop, read each step."""
+
+    request_id: str
+    prompt: list[int]
+    sampling: SamplingParams
+    seed: int
+    emit: Emit
+    cancelled: bool = False
+    # Scheduler state.
+    prefilled: int = 0  # prompt tokens in the KV cells
+    cached: int = 0  # of which reused from a slot's cache
+    generated: int = 0
+    next_token: int = -1  # sampled, not yet decoded
+    sampler: Any = None
+    text: TextStream = field(default_factory=TextStream)
+
+    @property
+    def budget(self) -> int:
+        """KV cells the sequence may come to hold."""
+        return len(self.prompt) + self.sampling.max_tokens
+
+
+@dataclass(eq=False, slots=True)
+class Slot:
+    """A llama.cpp sequence id and what its KV cells hold, in position order."""
+
+    seq_id: int
+    tokens: list[int] = field(default_factory=list)
+    seq: Sequence | None = None
+    last_used: float = 0.0
+
+
+@dataclass(slots=True)
+class SchedulerStats:
+    """The engine's own counters (the replica publishes them as metrics and in /v1/models)."""
+
+    running: int = 0
+    waiting: int = 0
+    batch_size: int = 0  # sequences decoded in the last step
+    peak_batch_size: int = 0
+    kv_cache_usage_perc: float = 0.0
+    prefix_cache_queries: int = 0  # prompt tokens looked up
+    prefix_cache_hits: int = 0  # prompt tokens found in a slot's cache
+    steps: int = 0
+
+    def as_dict(self) -> dict[str, float]:
+        return {name: getattr(self, name) for name in self.__slots__}  # type: ignore[attr-defined]
+
+
+def common_prefix(a: list[int], b: list[int]) -> int:
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
+
+
+class Scheduler:
+    """Owns a llama.cpp context on its own thread; ``submit`` and ``cancel`` are thread-safe."""
+
+    def __init__(self, llama: Any, ctx: Any, vocab: Any, *, parallel: int, n_batch: int, kv_cells: int) -> None:
+        self._llama = llama  # the llama_cpp module: C functions called per step
+        self._ctx = ctx
+        self._memory = llama.llama_get_memory(ctx)
+        self._vocab = vocab
+        self._n_vocab = llama.llama_vocab_n_tokens(vocab)
+        self._eog = [t for t in range(self._n_vocab) if llama.llama_vocab_is_eog(vocab, t)]
+        self._n_batch = n_batch
+        self._kv_cells = kv_cells
+        self._batch = llama.llama_batch_init(n_batch, 0, 1)
+        self._piece = ctypes.create_string_buffer(256)
+        self._slots = [Slot(i) for i in range(parallel)]
+        self._waiting: deque[Sequence] = deque()
+        self._wake = threading.Condition()
+        self._stopping = False
+        self.stats = SchedulerStats()
+        self._thread = threading.Thread(target=self._run, name="llama-scheduler", daemon=True)
+        self._thread.start()
+
+    # -- the event loop's side ---------------------------------------------------------
+
+    def submit(self, seq: Sequence) -> None:
+        with self._wake:
+            self._waiting.append(seq)
+            self.stats.waiting = len(self._waiting)
+            self._wake.notify()
+
+    def cancel(self, seq: Sequence) -> None:
+        """Stop ``seq`` at the next step; its cells are freed there."""
+        seq.cancelled = True
+        with self._wake:
+            self._wake.notify()
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    def stop(self) -> None:
+        """End every sequence (their streams end without a final delta) and join the thread."""
+        with self._wake:
+            self._stopping = True
+            self._wake.notify()
+        self._thread.join()
+
+    # -- the scheduler thread ----------------------------------------------------------
+
+    def _run(self) -> None:
+        try:
+            while self._next_step():
+                self._step()
+        except BaseException as exc:  # a llama.cpp failure ends every sequence with the error
+            logger.exception("llama.cpp scheduler failed")
+            self._end_all(InferenceFailed(f"llama.cpp failed while generating ({type(exc).__name__})"))
+            raise
+        finally:
+            self._end_all(None)
+            self._llama.llama_batch_free(self._batch)
+
+    def _next_step(self) -> bool:
+        """Wait for work, admit what fits; False once stopping."""
+        with self._wake:
+            while not self._stopping and not self._waiting and not self._running():
+                self._wake.wait()
+            if self._stopping:
+                return False
+            self._drop_cancelled()
+            self._admit()
+            self.stats.waiting, self.stats.running = len(self._waiting), len(self._running())
+        return True
+
+    def _running(self) -> list[Slot]:
+        return [slot for slot in self._slots if slot.seq is not None]
+
+    def _drop_cancelled(self) -> None:
+        for slot in self._slots:
+            if slot.seq is not None and slot.seq.cancelled:
+                self._release(slot, keep_cache=False)
+        if any(seq.cancelled for seq in self._waiting):
+            self._waiting = deque(seq for seq in self._waiting if not seq.cancelled)
+
+    def _admit(self) -> None:
+        """Move waiting sequences (in order) into free slots while the KV budget allows."""
+        while self._waiting:
+            free = [slot for slot in self._slots if slot.seq is None]
+            if not free:
+                return
+            seq = self._waiting[0]
+            # The free slot with the longest cached prefix; at least one prompt token is decoded
+            # again, for the logits of the first sampled token.
+            slot = max(free, key=lambda s: (common_prefix(s.tokens, seq.prompt), -s.last_used))
+            reuse = min(common_prefix(slot.tokens, seq.prompt), len(seq.prompt) - 1)
+            if not self._fits(seq, slot, reuse):
+                return  # it waits for running sequences to finish
+            self._waiting.popleft()
+            self._trim(slot, reuse)
+            seq.prefilled = seq.cached = reuse
+            seq.sampler = self._sampler(seq)
+            seq.text = TextStream(seq.sampling.stop)
+            slot.seq = seq
+            self.stats.prefix_cache_queries += len(seq.prompt)
+            self.stats.prefix_cache_hits += reuse
+
+    def _committed(self) -> int:
+        """KV cells held by caches plus the most that running sequences may still take."""
+        return sum(max(len(s.tokens), s.seq.budget if s.seq else 0) for s in self._slots)
+
+    def _fits(self, seq: Sequence, slot: Slot, reuse: int) -> bool:
+        """Whether ``seq`` fits in ``slot`` once trimmed to ``reuse``; evicts other free slots' caches."""
+        need = self._committed() - len(slot.tokens) + seq.budget
+        for other in sorted(self._slots, key=lambda s: s.last_used):
+            if need <= self._kv_cells:
+                break
+            if other.seq is None and other is not slot and other.tokens:
+                need -= len(other.tokens)
+                self._trim(other, 0)
+        return need <= self._kv_cells
+
+    def _trim(self, slot: Slot, keep: int) -> None:
+        if len(slot.tokens) > keep:
+            self._llama.llama_memory_seq_rm(self._memory, slot.seq_id, keep, -1)
+            del slot.tokens[keep:]
+
+    def _release(self, slot: Slot, keep_cache: bool) -> None:
+        seq = slot.seq
+        assert seq is not None
+        self._llama.llama_sampler_free(seq.sampler)
+        seq.sampler = None
+        slot.seq, slot.last_used = None, time.monotonic()
+        if not keep_cache:
+            self._trim(slot, 0)
+
+    def _sampler(self, seq: Sequence) -> Any:
+        """The request's sampler chain, in llama.cpp's own order (bias, top-k, top-p, temperature, draw)."""
+        llama, s = self._llama, seq.sampling
+        chain = llama.llama_sampler_chain_init(llama.llama_sampler_chain_default_params())
+        if s.ignore_eos and self._eog:
+            biases = (llama.llama_logit_bias * len(self._eog))(*((t, float("-inf")) for t in self._eog))
+            llama.llama_sampler_chain_add(
+                chain, llama.llama_sampler_init_logit_bias(self._n_vocab, len(self._eog), biases)
+            )
+        if s.temperature <= 0:
+            llama.llama_sampler_chain_add(chain, llama.llama_sampler_init_greedy())
+            return chain
+        if s.top_k > 0:
+            llama.llama_sampler_chain_add(chain, llama.llama_sampler_init_top_k(s.top_k))
+        if s.top_p < 1.0:
+            llama.llama_sampler_chain_add(chain, llama.llama_sampler_init_top_p(s.top_p, 1))
+        llama.llama_sampler_chain_add(chain, llama.llama_sampler_init_temp(s.temperature))
+        llama.llama_sampler_chain_add(chain, llama.llama_sampler_init_dist(seq.seed))
+        return chain
+
+    def _step(self) -> None:
+        llama, batch = self._llama, self._batch
+        outputs: list[tuple[Slot, int]] = []  # slots sampled from this step's logits, at batch index
+        n = 0
+
+        def add(slot: Slot, token: int, logits: bool) -> None:
+            nonlocal n
+            batch.token[n] = token
+            batch.pos[n] = len(slot.tokens)
+            batch.n_seq_id[n] = 1
+            batch.seq_id[n][0] = slot.seq_id
+            batch.logits[n] = logits
+            slot.tokens.append(token)
+            if logits:
+                outputs.append((slot, n))
+            n += 1
+
+        running = self._running()
+        for slot in running:  # generating: one token each
+            seq = slot.seq
+            assert seq is not None
+            if seq.prefilled == len(seq.prompt):
+                add(slot, seq.next_token, True)
+        for slot in running:  # prefilling: prompt chunks in the room left
+            seq = slot.seq
+            assert seq is not None
+            while seq.prefilled < len(seq.prompt) and n < self._n_batch:
+                seq.prefilled += 1
+                add(slot, seq.prompt[seq.prefilled - 1], seq.prefilled == len(seq.prompt))
+        if not n:
+            return
+        batch.n_tokens = n
+        status = llama.llama_decode(self._ctx, batch)
+        if status != 0:
+            raise RuntimeError(f"llama_decode returned {status}")
+        self.stats.steps += 1
+        self.stats.batch_size = len(outputs)
+        self.stats.peak_batch_size = max(self.stats.peak_batch_size, len(outputs))
+        for slot, index in outputs:
+            self._sample(slot, llama.llama_sampler_sample(slot.seq.sampler, self._ctx, index))  # type: ignore[union-attr]
+        self.stats.running = len(self._running())
+        self.stats.kv_cache_usage_perc = sum(len(s.tokens) for s in self._slots) / self._kv_cells
+
+    def _sample(self, slot: Slot, token: int) -> None:
+        seq = slot.seq
+        assert seq is not None
+        if seq.cancelled:
+            return  # dropped at the next step
+        if self._llama.llama_vocab_is_eog(self._vocab, token):
+            return self._finish(slot, "stop", "")
+        seq.generated += 1
+        text = seq.text.push(self._token_bytes(token))
+        if seq.text.stopped:
+            return self._finish(slot, "stop", text)
+        if seq.generated >= seq.sampling.max_tokens:
+            return self._finish(slot, "length", text)
+        if text:
+            seq.emit(Delta(text))
+        seq.next_token = token
+
+    def _finish(self, slot: Slot, reason: str, text: str) -> None:
+        seq = slot.seq
+        assert seq is not None
+        usage = Usage(len(seq.prompt), seq.generated, seq.cached)
+        seq.emit(Delta(text + seq.text.flush(), finish_reason=reason, usage=usage))
+        seq.emit(END)
+        self._release(slot, keep_cache=True)
+
+    def _token_bytes(self, token: int) -> bytes:
+        n = self._llama.llama_token_to_piece(self._vocab, token, self._piece, len(self._piece), 0, False)
+        if n < 0:  # longer than the buffer: grow it once
+            self._piece = ctypes.create_string_buffer(-n)
+            n = self._llama.llama_token_to_piece(self._vocab, token, self._piece, len(self._piece), 0, False)
+        return self._piece.raw[:n]
+
+    def _end_all(self, error: BaseException | None) -> None:
+        """End every sequence: with ``error``, or (stopping) without a final delta."""
+        with self._wake:
+            waiting, self._waiting = list(self._waiting), deque()
+        for slot in self._slots:
+            if slot.seq is not None:
+                waiting.append(slot.seq)
+                self._release(slot, keep_cache=False)
+        for seq in waiting:
+            if error is not None:
+                seq.emit(error)
+            seq.emit(END)

@@ -1,0 +1,36 @@
+"""The batched llama.cpp engine itself (no Serve): its scheduling does not change what a request computes."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+
+from deployments.config import GGUFModelConfig
+from deployments.engines.base import GenerationRequest, SamplingParams
+from deployments.engines.gguf import LlamaCppEngine
+
+pytestmark = pytest.mark.e2e
+
+
+def request(i: int) -> GenerationRequest:
+    sampling = SamplingParams(temperature=0, top_p=1, top_k=0, max_tokens=24, ignore_eos=True)
+    messages = ({"role": "user", "content": f"{i} " + "abc " * i},)
+    return GenerationRequest(request_id=f"r{i}", messages=messages, sampling=sampling)
+
+
+async def solo_outputs(path: Path, parallel: int) -> list[str]:
+    """Each request alone in a fresh engine (no prefix cache), greedy."""
+    outputs = []
+    for i in range(6):
+        engine = LlamaCppEngine(GGUFModelConfig(name="m", path=path, parallel=parallel, n_threads=1))
+        await engine.load()
+        outputs.append("".join([delta.text async for delta in engine.generate(request(i))]))
+        await engine.unload()
+    return outputs
+
+
+def test_a_request_alone_in_the_batched_engine_computes_what_it_computes_serially(models_dir: Path) -> None:
+    path = models_dir / "tiny-llama-Q4_K_M.gguf"
+    assert asyncio.run(solo_outputs(path, 8)) == asyncio.run(solo_outputs(path, 1))
