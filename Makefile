@@ -12,8 +12,12 @@ CACHE_DIR ?= $(HOME)/.cache/nika-serve
 # and a wheel built natively on one node can crash on another node of a cluster.
 LLAMA_VERSION := 0.3.36
 LLAMA_CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_AVX512=OFF -DLLAVA_BUILD=OFF
-LLAMA_WHEEL_DIR := $(CACHE_DIR)/wheels/llama-cpp-python-$(LLAMA_VERSION)-$(shell echo '$(LLAMA_CMAKE_ARGS)' | sha1sum | cut -c1-10)
+LLAMA_BUILD_ID := $(LLAMA_VERSION)-$(shell echo '$(LLAMA_CMAKE_ARGS)' | sha1sum | cut -c1-10)
+LLAMA_WHEEL_DIR := $(CACHE_DIR)/wheels/llama-cpp-python-$(LLAMA_BUILD_ID)
 LLAMA_WHEEL := $(LLAMA_WHEEL_DIR)/.built
+# The benchmarks' peer: llama.cpp's own server, from the llama.cpp sources vendored in the same
+# llama-cpp-python sdist, with the same flags, so both sides run the same kernels.
+LLAMA_SERVER := $(CACHE_DIR)/llama-server-$(LLAMA_BUILD_ID)/bin/llama-server
 INSTALLED := $(VENV)/.installed
 DEMO_MODELS := models/tiny-llama-Q4_K_M.gguf models/medium-llama-Q4_K_M.gguf models/tiny-idefics3/config.json
 
@@ -42,6 +46,18 @@ $(LLAMA_WHEEL):
 		--no-binary llama-cpp-python --no-cache-dir -w $(LLAMA_WHEEL_DIR) "llama-cpp-python==$(LLAMA_VERSION)"
 	touch $@
 
+$(LLAMA_SERVER):
+	@echo "Building llama-server from llama-cpp-python $(LLAMA_VERSION)'s sources ($(LLAMA_CMAKE_ARGS)); once, cached"
+	rm -rf $(@D)/../src && mkdir -p $(@D)/../src
+	$(PYTHON) -m pip download --no-deps --no-binary :all: -d $(@D)/../src "llama-cpp-python==$(LLAMA_VERSION)"
+	tar -xzf $(@D)/../src/llama_cpp_python-$(LLAMA_VERSION).tar.gz -C $(@D)/../src
+	cmake -S $(@D)/../src/llama_cpp_python-$(LLAMA_VERSION)/vendor/llama.cpp -B $(@D)/../build -DCMAKE_BUILD_TYPE=Release \
+		$(LLAMA_CMAKE_ARGS) -DLLAMA_CURL=OFF -DLLAMA_OPENSSL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF \
+		-DLLAMA_BUILD_SERVER=ON -DBUILD_SHARED_LIBS=OFF
+	cmake --build $(@D)/../build --target llama-server -j $$(nproc)
+	mkdir -p $(@D) && cp $(@D)/../build/bin/llama-server $@
+	rm -rf $(@D)/../src $(@D)/../build
+
 $(INSTALLED): pyproject.toml $(LLAMA_WHEEL)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install $(PIP_INSTALL_ARGS) --find-links $(LLAMA_WHEEL_DIR) --only-binary llama-cpp-python \
@@ -67,8 +83,8 @@ test: lint models
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 # Every comparison in benchmarks/ (README there); results go to benchmarks/results/.
-bench: install models
-	$(PY) -m benchmarks $(BENCH_ARGS)
+bench: install models $(LLAMA_SERVER)
+	LLAMA_SERVER=$(LLAMA_SERVER) $(PY) -m benchmarks $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) models .pytest_cache

@@ -25,17 +25,19 @@ class BenchContext:
     gpu: bool = False
     peer_port: int = 8101
 
-    def gguf_model(self, replicas: int = 1) -> GGUFModelConfig:
-        """The medium GGUF model, one llama.cpp thread per replica (one CPU each)."""
+    def gguf_model(self, replicas: int = 1, cpus: int = 1, parallel: int = 1) -> GGUFModelConfig:
+        """The medium GGUF model; each replica runs ``parallel`` sequences on ``cpus`` llama.cpp threads."""
         return GGUFModelConfig.model_validate(
             {
                 "name": "medium",
                 "path": self.models_dir / GGUF_MODEL,
                 "context_size": 2048,
                 "gpu_layers": -1 if self.gpu else 0,
+                "parallel": parallel,
                 "deployment": {
                     "num_replicas": replicas,
-                    "ray_actor_options": {"num_cpus": 1, "num_gpus": 1 if self.gpu else 0},
+                    "max_ongoing_requests": parallel + 3,
+                    "ray_actor_options": {"num_cpus": cpus, "num_gpus": 1 if self.gpu else 0},
                 },
             }
         )

@@ -88,9 +88,31 @@ def cancellation(result: dict[str, Any], ax: list[Any]) -> None:
     ax[0].legend()
 
 
+def batched_serving(result: dict[str, Any], ax: list[Any]) -> None:
+    """Throughput, TTFT and TPOT by concurrency, and each system's engine memory."""
+    panels = [
+        ("output_tok_s", None, "aggregate output tokens/s", "tokens/s"),
+        ("ttft_ms", "p50", "time to first token, p50", "ms"),
+        ("tpot_ms", "p50", "time per output token, p50", "ms"),
+    ]
+    for a, (key, pick, title, unit) in zip(ax, panels, strict=False):
+        for name, system in result["systems"].items():
+            levels = system["concurrency"]
+            values = [levels[k][key] if pick is None else (levels[k][key] or {}).get(pick) for k in levels]
+            a.plot([int(k) for k in levels], values, marker="o", label=name)
+        a.set_title(title)
+        a.set_ylabel(unit)
+        a.set_xlabel("concurrency")
+    ax[0].legend(fontsize=7)
+    memory = result["memory_rss_mib"]
+    _bars(ax[3], [n.replace(" (", "\n(") for n in memory], list(memory.values()), "engine memory (RSS)", "MiB")
+    ax[3].tick_params(axis="x", labelsize=6)
+
+
 PLOTS = {
     "overhead": (overhead, 2),
     "gguf_serving": (_sweep, 3),
+    "batched_serving": (batched_serving, 4),
     "vision_serving": (_sweep, 3),
     "deadline_accuracy": (deadline_accuracy, 1),
     "cancellation": (cancellation, 1),

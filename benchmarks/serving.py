@@ -25,6 +25,7 @@ def sweep(
     quick: bool,
     eos_logit_bias: int | None = None,
     after: Callable[[str], dict[str, Any]] | None = None,
+    concurrency_levels: tuple[int, ...] = CONCURRENCY,
 ) -> dict[str, Any]:
     """Start one system, run every concurrency level; ``after`` runs extra measurements on it.
 
@@ -34,7 +35,7 @@ def sweep(
     requests = workload.payloads(eos_logit_bias)
     with start() as base_url:
         asyncio.run(run_load(base_url, workload.warmup().payloads(eos_logit_bias), 1, f"{label} warm-up"))
-        for concurrency in CONCURRENCY:
+        for concurrency in concurrency_levels:
             n = requests_per_level(concurrency, quick)
             batch = [requests[i % len(requests)] for i in range(n)]
             results, wall = asyncio.run(run_load(base_url, batch, concurrency, f"{label} c={concurrency}"))

@@ -33,6 +33,7 @@ APP_NAME = "bench"
 ROUTE_PREFIX = "/bench"  # beside an app already serving at / on a cluster
 STARTUP_TIMEOUT_S = 300
 LOG_DIR = Path(__file__).parent / ".logs"
+SERVER_PIDS: dict[str, int] = {}  # base URL -> PID of the peer server running there
 
 
 def wait_until_ready(base_url: str, timeout_s: float, process: subprocess.Popen[bytes] | None = None) -> None:
@@ -54,17 +55,22 @@ def wait_until_ready(base_url: str, timeout_s: float, process: subprocess.Popen[
 
 @contextmanager
 def server_process(name: str, command: list[str], port: int, env: dict[str, str] | None = None) -> Iterator[str]:
-    """Run a peer server until the block ends; its log goes to ``benchmarks/.logs/<name>.log``."""
+    """Run a peer server until the block ends; its log goes to ``benchmarks/.logs/<name>.log``.
+
+    Yields the base URL; the server's PID is ``SERVER_PIDS[base_url]`` meanwhile.
+    """
     LOG_DIR.mkdir(exist_ok=True)
     log = (LOG_DIR / f"{name}.log").open("wb")
     process = subprocess.Popen(
         command, stdout=log, stderr=subprocess.STDOUT, env=os.environ | (env or {}), start_new_session=True
     )
     base_url = f"http://127.0.0.1:{port}"
+    SERVER_PIDS[base_url] = process.pid
     try:
         wait_until_ready(base_url, STARTUP_TIMEOUT_S, process)
         yield base_url
     finally:
+        SERVER_PIDS.pop(base_url, None)
         if process.poll() is None:
             os.killpg(process.pid, signal.SIGTERM)
             try:
@@ -95,6 +101,34 @@ def llama_cpp_server(model: GGUFModelConfig, port: int, interrupt_requests: bool
     ]  # fmt: skip
     name = "llama_cpp_server" + ("" if interrupt_requests else "_serialized")
     return server_process(name, command, port)
+
+
+def llama_server(model: GGUFModelConfig, port: int) -> Any:
+    """llama.cpp's own ``llama-server`` (built by ``make bench`` from our wheel's sources and flags)
+    with our replica's sequences, threads, KV pool and batch size."""
+    binary = os.environ.get("LLAMA_SERVER")
+    if not binary:
+        raise RuntimeError("LLAMA_SERVER is not set: run the benchmarks with `make bench`, which builds it")
+    threads = str(gguf_threads(model))
+    command = [
+        binary, "--model", str(model.path), "--host", "127.0.0.1", "--port", str(port),
+        "--parallel", str(model.parallel), "--kv-unified", "--ctx-size", str(model.kv_cache_tokens),
+        "--threads", threads, "--threads-batch", threads,
+        "--batch-size", str(model.batch_tokens), "--ubatch-size", str(model.batch_tokens),
+        "--n-gpu-layers", str(model.gpu_layers), "--no-webui",
+    ]  # fmt: skip
+    return server_process("llama_server", command, port)
+
+
+def process_tree_rss_mib(pids: list[int]) -> float:
+    """Resident memory of these processes and all their children."""
+    import psutil
+
+    total = 0
+    for pid in pids:
+        root = psutil.Process(pid)
+        total += sum(p.memory_info().rss for p in [root, *root.children(recursive=True)])
+    return round(total / 2**20, 1)
 
 
 def vllm_server(model: VisionModelConfig, port: int, cache_dir: Path) -> Any:
@@ -163,11 +197,16 @@ class OurStack:
 
     def replica_pid(self, model: str) -> int:
         """The PID of the model's (single) replica actor."""
+        (pid,) = self.replica_pids(model)
+        return pid
+
+    def replica_pids(self, model: str) -> list[int]:
+        """The PIDs of the model's replica actors."""
         import ray
 
         prefix = f"SERVE_REPLICA::{APP_NAME}#{deployment_name(model)}#"
-        (name,) = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if a["name"].startswith(prefix)]
-        return ray.get(ray.get_actor(name, namespace="serve").__ray_call__.remote(lambda _: os.getpid()))
+        names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if a["name"].startswith(prefix)]
+        return [ray.get(ray.get_actor(n, namespace="serve").__ray_call__.remote(lambda _: os.getpid())) for n in names]
 
     def shutdown(self) -> None:
         if self._started:

@@ -68,9 +68,12 @@ def router_metrics() -> RouterMetrics:
 
 @functools.cache
 def replica_metrics() -> ReplicaMetrics:
+    model = ("model",)
     return ReplicaMetrics(
-        requests_running=Gauge("nika_num_requests_running", "Generations running in the engine.", ("model",)),
-        requests_waiting=Gauge(
-            "nika_num_requests_waiting", "Requests in a replica waiting for its engine.", ("model",)
-        ),
+        requests_running=Gauge("nika_num_requests_running", "Sequences running in the engine's batch.", model),
+        requests_waiting=Gauge("nika_num_requests_waiting", "Requests in a replica waiting for a slot.", model),
+        kv_cache_usage_perc=Gauge("nika_kv_cache_usage_perc", "KV-cache usage: 1 is full.", model),
+        batch_size=Gauge("nika_batch_size", "Sequences decoded in the engine's last step.", model),
+        prefix_cache_queries=Counter("nika_prefix_cache_queries_total", "Prompt tokens looked up in the cache.", model),
+        prefix_cache_hits=Counter("nika_prefix_cache_hits_total", "Prompt tokens found in the cache.", model),
     )

@@ -125,13 +125,15 @@ def app(ray_cluster: RayCluster, models_dir: Path) -> Iterator[ServeApp]:
     http_options = {"host": "127.0.0.1", "port": free_port()}
     base_url = f"http://127.0.0.1:{http_options['port']}"
     serve.start(proxy_location="HeadOnly", http_options=http_options)
-    with httpx.Client(base_url=base_url, timeout=60) as http:
-        served = ServeApp(
-            base_url, models_dir, http, http_options, ray_cluster.metrics_urls, {APP_NAME: e2e_config(models_dir)}
-        )
-        served._deploy()
-        yield served
-    serve.shutdown()
+    try:
+        with httpx.Client(base_url=base_url, timeout=60) as http:
+            served = ServeApp(
+                base_url, models_dir, http, http_options, ray_cluster.metrics_urls, {APP_NAME: e2e_config(models_dir)}
+            )
+            served._deploy()
+            yield served
+    finally:
+        serve.shutdown()
 
 
 @pytest.fixture

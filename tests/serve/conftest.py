@@ -70,12 +70,14 @@ def fake_app(ray_cluster: RayCluster, tmp_path_factory: pytest.TempPathFactory) 
     fake_gguf(str(gguf))
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as http:
-        app = FakeApp(f"http://127.0.0.1:{port}", http, gguf)
-        app.redeploy(fake_config(gguf))
-        poll(lambda: http.get("/healthz").status_code == 200, 30, "the fake app")
-        yield app
-    serve.shutdown()
+    try:  # even when the deploy fails: the next tier starts a Serve of its own
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as http:
+            app = FakeApp(f"http://127.0.0.1:{port}", http, gguf)
+            app.redeploy(fake_config(gguf))
+            poll(lambda: http.get("/healthz").status_code == 200, 30, "the fake app")
+            yield app
+    finally:
+        serve.shutdown()
 
 
 @pytest.fixture
