@@ -106,8 +106,8 @@ def test_concurrent_requests_each_get_their_own_generation(batched: str) -> None
         )
         for i in range(16)
     ]
-    client = openai.OpenAI(base_url=f"{batched}/v1", api_key="unused", max_retries=0, timeout=120)
-    prompts = [client.chat.completions.create(**b | {"max_tokens": 1}).usage.prompt_tokens for b in bodies]  # type: ignore[union-attr]
+    url = f"{batched}/v1/chat/completions"
+    prompts = [httpx.post(url, json=b | {"max_tokens": 1}, timeout=60).json()["usage"]["prompt_tokens"] for b in bodies]
     assert len(set(prompts)) == 16
     records = run_together(batched, bodies)
     for i, record in enumerate(records):

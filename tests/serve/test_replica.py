@@ -132,3 +132,15 @@ def test_a_model_whose_load_raises_anything_is_failed_with_the_reason(fake_app: 
         assert card["quantization"] == "Q4_K_M" and card["name"] == "fake-model-Q4_K_M"
     finally:
         fake_app.redeploy(fake_config(fake_app.gguf))
+
+
+def test_a_loading_model_shows_what_its_file_says(fake_app: FakeApp) -> None:
+    fake_app.redeploy(fake_config(fake_app.gguf, **{"slow-load": {}}), wait=False)
+    try:
+        poll(lambda: fake_app.cards().get("slow-load", {}).get("status") == "loading", 60, "the loading card")
+        card, loaded = fake_app.card("slow-load"), fake_app.card("fake")
+        assert {k: card[k] for k in ("name", "size_bytes", "quantization", "context_length")} == {
+            k: loaded[k] for k in ("name", "size_bytes", "quantization", "context_length")
+        }
+    finally:
+        fake_app.redeploy(fake_config(fake_app.gguf))
