@@ -31,7 +31,7 @@ from typing import Any
 
 from deployments.engines.base import Delta, SamplingParams, Usage
 from deployments.engines.text_stream import TextStream
-from deployments.errors import InferenceFailed
+from deployments.errors import InferenceFailed, ServeError
 
 logger = logging.getLogger("ray.serve")
 
@@ -55,7 +55,10 @@ class Sequence:
     generated: int = 0
     next_token: int = -1  # sampled, not yet decoded
     sampler: Any = None
-    text: TextStream = field(default_factory=TextStream)
+    text: TextStream = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.text = TextStream(self.sampling.stop)
 
     @property
     def budget(self) -> int:
@@ -148,15 +151,15 @@ class Scheduler:
     # -- the scheduler thread ----------------------------------------------------------
 
     def _run(self) -> None:
+        error: ServeError | None = None
         try:
             while self._next_step():
                 self._step()
-        except BaseException as exc:  # a llama.cpp failure ends every sequence with the error
+        except Exception as exc:  # a llama.cpp failure ends every sequence with the error
             logger.exception("llama.cpp scheduler failed")
-            self._end_all(InferenceFailed(f"llama.cpp failed while generating ({type(exc).__name__})"))
-            raise
+            error = InferenceFailed(f"llama.cpp failed while generating ({type(exc).__name__})")
         finally:
-            self._end_all(None)
+            self._end_all(error)
             self._llama.llama_batch_free(self._batch)
 
     def _next_step(self) -> bool:
@@ -198,7 +201,6 @@ class Scheduler:
             self._trim(slot, reuse)
             seq.prefilled = seq.cached = reuse
             seq.sampler = self._sampler(seq)
-            seq.text = TextStream(seq.sampling.stop)
             slot.seq = seq
             self.stats.prefix_cache_queries += len(seq.prompt)
             self.stats.prefix_cache_hits += reuse

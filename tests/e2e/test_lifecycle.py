@@ -73,7 +73,7 @@ def test_unload_applies_to_every_replica_and_the_cli_drives_it(app: ServeApp) ->
 @pytest.mark.parametrize("model", ["medium", "vision"])
 def test_unloading_mid_stream_ends_the_stream_with_an_error_not_done(app: ServeApp, model: str) -> None:
     """Both engines: the stream in flight gets a terminal error event, never a bare ``[DONE]``."""
-    body = chat(model, stream=True, max_tokens=3000, ignore_eos=True)
+    body = chat(model, stream=True, max_tokens=1500, ignore_eos=True)
     try:
         with app.http.stream("POST", "/v1/chat/completions", json=body) as response:
             lines = response.iter_lines()
