@@ -20,7 +20,7 @@ from deployments.config import AppConfig
 from tests.conftest import RayCluster, free_port, poll
 
 APP_NAME = DEFAULT_APP_NAME
-DEPLOY_TIMEOUT_S = 300  # two vLLM engines and two llama.cpp models on 2 cores
+DEPLOY_TIMEOUT_S = 600  # two vLLM engines and two llama.cpp models on 2 cores: ~170 s here, slower machines 2-3x
 
 
 def e2e_config(
