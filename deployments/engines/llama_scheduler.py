@@ -110,11 +110,15 @@ class Scheduler:
         self._memory = llama.llama_get_memory(ctx)
         self._vocab = vocab
         self._n_vocab = llama.llama_vocab_n_tokens(vocab)
-        self._eog = [t for t in range(self._n_vocab) if llama.llama_vocab_is_eog(vocab, t)]
+        # Per token, the step needs a token's bytes and whether it ends the generation: both are
+        # looked up here once, since every ctypes call gives up the GIL and must win it back from
+        # the replica's other threads (Serve's event loops), which stalls the step under load.
+        self._eog = frozenset(t for t in range(self._n_vocab) if llama.llama_vocab_is_eog(vocab, t))
+        buffer = ctypes.create_string_buffer(256)
+        self._pieces = [self._token_bytes(t, buffer) for t in range(self._n_vocab)]
         self._n_batch = n_batch
         self._kv_cells = kv_cells
         self._batch = llama.llama_batch_init(n_batch, 0, 1)
-        self._piece = ctypes.create_string_buffer(256)
         self._slots = [Slot(i) for i in range(parallel)]
         self._waiting: deque[Sequence] = deque()
         self._wake = threading.Condition()
@@ -239,7 +243,7 @@ class Scheduler:
         llama, s = self._llama, seq.sampling
         chain = llama.llama_sampler_chain_init(llama.llama_sampler_chain_default_params())
         if s.ignore_eos and self._eog:
-            biases = (llama.llama_logit_bias * len(self._eog))(*((t, float("-inf")) for t in self._eog))
+            biases = (llama.llama_logit_bias * len(self._eog))(*((t, float("-inf")) for t in sorted(self._eog)))
             llama.llama_sampler_chain_add(
                 chain, llama.llama_sampler_init_logit_bias(self._n_vocab, len(self._eog), biases)
             )
@@ -302,10 +306,10 @@ class Scheduler:
         assert seq is not None
         if seq.cancelled:
             return  # dropped at the next step
-        if self._llama.llama_vocab_is_eog(self._vocab, token):
+        if token in self._eog:
             return self._finish(slot, "stop", "")
         seq.generated += 1
-        text = seq.text.push(self._token_bytes(token))
+        text = seq.text.push(self._pieces[token])
         if seq.text.stopped:
             return self._finish(slot, "stop", text)
         if seq.generated >= seq.sampling.max_tokens:
@@ -322,12 +326,12 @@ class Scheduler:
         seq.emit(END)
         self._release(slot, keep_cache=True)
 
-    def _token_bytes(self, token: int) -> bytes:
-        n = self._llama.llama_token_to_piece(self._vocab, token, self._piece, len(self._piece), 0, False)
-        if n < 0:  # longer than the buffer: grow it once
-            self._piece = ctypes.create_string_buffer(-n)
-            n = self._llama.llama_token_to_piece(self._vocab, token, self._piece, len(self._piece), 0, False)
-        return self._piece.raw[:n]
+    def _token_bytes(self, token: int, buffer: ctypes.Array[ctypes.c_char]) -> bytes:
+        n = self._llama.llama_token_to_piece(self._vocab, token, buffer, len(buffer), 0, False)
+        if n < 0:  # longer than the buffer
+            buffer = ctypes.create_string_buffer(-n)
+            n = self._llama.llama_token_to_piece(self._vocab, token, buffer, len(buffer), 0, False)
+        return buffer.raw[:n]
 
     def _end_all(self, error: BaseException | None) -> None:
         """End every sequence: with ``error``, or (stopping) without a final delta."""
