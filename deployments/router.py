@@ -27,7 +27,6 @@ from deployments import constants as C
 from deployments.config import AppConfig, RouterConfig
 from deployments.errors import (
     InvalidRequest,
-    ModelNotFound,
     PayloadTooLarge,
     Unauthorized,
     UnsupportedMediaType,
@@ -50,13 +49,10 @@ async def _any_error(_: Request, exc: Exception) -> JSONResponse:
 
 @api.exception_handler(HTTPException)
 async def _http_error(request: Request, exc: HTTPException) -> JSONResponse:
-    """Starlette's own errors (no such route, wrong method) in the same shape."""
-    if exc.status_code == 404:
-        return error_response(ModelNotFound(f"no route {request.url.path}", code="not_found"))
-    message = f"{request.method} {request.url.path}: {exc.detail}"
-    return JSONResponse(
-        InvalidRequest(message, code=f"http_{exc.status_code}").to_body(), exc.status_code, headers=exc.headers
-    )
+    """Starlette's own errors (no such route, wrong method) in the same shape, with their status."""
+    code = "not_found" if exc.status_code == 404 else f"http_{exc.status_code}"
+    body = InvalidRequest(f"{request.method} {request.url.path}: {exc.detail}", code=code).to_body()
+    return JSONResponse(body, exc.status_code, headers=exc.headers)
 
 
 def error_response(exc: BaseException) -> JSONResponse:

@@ -72,7 +72,7 @@ def _deployment_state(deployment: str) -> tuple[ModelStatus, str | None]:
     app = serve.get_replica_context().app_name
     state = serve.status().applications[app].deployments.get(deployment)
     if state is None or state.status in ("UPDATING", "UPSCALING"):
-        return ModelStatus.LOADING, state.message if state else None
+        return ModelStatus.LOADING, (state.message or None) if state else None
     return ModelStatus.FAILED, state.message or f"deployment {deployment} is {state.status}"
 
 
@@ -279,7 +279,6 @@ class ChatService:
         infos = [r for r in reports if isinstance(r, ModelInfo)]
         if not infos:  # no replica answered: ask Serve why (starting, failed to load, ...)
             status, error = await asyncio.to_thread(_deployment_state, deployment_name(model.name))
-            error = error or (as_serve_error(reports[0]).message if reports else "no replica is running")
             return ModelInfo.describe(model, self._facts[model.name], status, error=error)
         replicas: dict[ModelStatus, int] = {}
         for info in infos:
