@@ -128,7 +128,8 @@ def test_cancelling_one_stream_leaves_the_others_whole_and_frees_its_cells(app: 
     with httpx.Client(base_url=batched, timeout=120) as http:
         body = long | {"stream": True, "messages": [{"role": "user", "content": "cancel me"}]}
         with http.stream("POST", "/v1/chat/completions", json=body) as response:
-            next(line for line in response.iter_lines() if '"content"' in line)
+            lines = response.iter_lines()  # held: a collected iter_lines() closes the response
+            next(line for line in lines if '"content"' in line)
             poll(lambda: stats(app, "medium")["running"] == 4, 30, "all four in the batch")
     # Leaving the block closed the connection: the engine drops the sequence at its next step.
     poll(lambda: stats(app, "medium")["running"] <= 3, 10, "the cancelled sequence to leave the batch")
