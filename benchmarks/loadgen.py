@@ -82,7 +82,9 @@ async def run_load(
     for payload in payloads:
         queue.put_nowait(payload)
     results: list[RequestResult] = []
-    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    # A connection per request: llama-server (cpp-httplib) closes kept-alive connections on its
+    # own schedule, and a request sent on one just closed failed as "Server disconnected".
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=0)
     progress = tqdm(total=len(payloads), desc=label, unit="req", leave=False)
     async with httpx.AsyncClient(base_url=base_url, timeout=REQUEST_TIMEOUT_S, limits=limits) as client:
 
