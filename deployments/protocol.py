@@ -10,10 +10,11 @@ import json
 import time
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, PositiveInt, field_validator
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
 from deployments import constants as C
-from deployments.engines.base import Delta, ModelInfo, Usage
+from deployments.engines.base import Delta, JsonOutput, ModelInfo, Usage
 
 
 class _Strict(BaseModel):
@@ -66,6 +67,61 @@ class StreamOptions(_Strict):
     include_usage: bool = False
 
 
+class TextFormat(_Strict):
+    type: Literal["text"]
+
+
+class JsonObjectFormat(_Strict):
+    type: Literal["json_object"]
+
+
+class JsonSchema(_Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    description: str | None = None
+    schema_: dict[str, Any] = Field(default_factory=dict, alias="schema")
+    strict: bool | None = None  # our output always matches the schema: constrained decoding
+
+    @field_validator("schema_")
+    @classmethod
+    def _valid_schema(cls, schema: dict[str, Any]) -> dict[str, Any]:
+        from jsonschema import Draft202012Validator, SchemaError
+
+        try:
+            Draft202012Validator.check_schema(schema)
+        except SchemaError as exc:
+            raise PydanticCustomError(
+                "invalid_schema", "not a valid JSON schema: {why}", {"why": exc.message}
+            ) from None
+        return schema
+
+
+class JsonSchemaFormat(_Strict):
+    type: Literal["json_schema"]
+    json_schema: JsonSchema
+
+
+ResponseFormat = Annotated[TextFormat | JsonObjectFormat | JsonSchemaFormat, Field(discriminator="type")]
+
+# OpenAI chat fields this server cannot honour: a request that sets one gets a 400 saying so,
+# never an answer that silently ignores it.
+UNSUPPORTED_FIELDS = (
+    "audio",
+    "modalities",
+    "prediction",
+    "web_search_options",
+    "functions",
+    "function_call",
+    "reasoning_effort",
+    "verbosity",
+    "tools",
+    "tool_choice",
+    "parallel_tool_calls",
+    "logprobs",
+    "top_logprobs",
+)
+UNSET_VALUES = (None, False, [], {})
+
+
 class ChatCompletionRequest(_Strict):
     """``POST /v1/chat/completions``; the deadline fields are our extension (``extra_body``)."""
 
@@ -81,11 +137,41 @@ class ChatCompletionRequest(_Strict):
     stop: str | list[str] | None = None
     seed: int | None = None
     n: Literal[1] = 1
+    presence_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
+    frequency_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
+    logit_bias: dict[int, Annotated[float, Field(ge=-100.0, le=100.0)]] | None = Field(
+        default=None, description="Token id -> bias added to its logit."
+    )
+    response_format: ResponseFormat | None = None
+    # Fields that describe the caller, not the answer: accepted, not acted on (as vLLM does).
     user: str | None = None
+    metadata: dict[str, str] | None = None
+    store: Literal[False] | None = None
+    service_tier: str | None = None
+    safety_identifier: str | None = None
+    prompt_cache_key: str | None = None
+    # Extensions (``extra_body``): sampling options of vLLM and llama.cpp.
+    repetition_penalty: float | None = Field(default=None, gt=0.0)
+    min_p: float | None = Field(default=None, ge=0.0, le=1.0)
     ignore_eos: bool = False
     first_chunk_timeout_s: float | None = Field(default=None, gt=0)
     chunk_timeout_s: float | None = Field(default=None, gt=0)
     request_timeout_s: float | None = Field(default=None, gt=0)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _unsupported(cls, data: Any) -> Any:
+        """Drop OpenAI fields left at their off value; refuse those set (see ``UNSUPPORTED_FIELDS``)."""
+        if not isinstance(data, dict):
+            return data
+        data = {k: v for k, v in data.items() if not (k in UNSUPPORTED_FIELDS and v in UNSET_VALUES)}
+        if data.get("modalities") == ["text"]:  # what we answer with anyway
+            del data["modalities"]
+        if refused := sorted(k for k in data if k in UNSUPPORTED_FIELDS):
+            raise PydanticCustomError(
+                "not_supported", "{fields}: not supported by this server", {"fields": ", ".join(refused)}
+            )
+        return data
 
     @field_validator("stop")
     @classmethod
@@ -98,6 +184,15 @@ class ChatCompletionRequest(_Strict):
     @property
     def has_images(self) -> bool:
         return any(m.images for m in self.messages)
+
+
+def json_output(response_format: TextFormat | JsonObjectFormat | JsonSchemaFormat | None) -> JsonOutput | None:
+    """What the engines must enforce for a ``response_format``."""
+    if isinstance(response_format, JsonSchemaFormat):
+        return JsonOutput(json_schema=response_format.json_schema.schema_)
+    if isinstance(response_format, JsonObjectFormat):
+        return JsonOutput()
+    return None
 
 
 # -- responses ---------------------------------------------------------------------------

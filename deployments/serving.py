@@ -31,7 +31,7 @@ from deployments.errors import (
 )
 from deployments.images import load_image
 from deployments.metrics import router_metrics
-from deployments.protocol import ChatCompletionRequest, ChunkFactory, completion_body, model_card
+from deployments.protocol import ChatCompletionRequest, ChunkFactory, completion_body, json_output, model_card
 from deployments.replica import deployment_name
 from deployments.streaming import coalescing_window, with_deadlines
 
@@ -62,6 +62,8 @@ def _describe_validation_error(exc: ValidationError) -> str:
             problems.append(f"the request body is not valid JSON ({error['ctx']['error']})")
         elif error["type"] == "extra_forbidden":
             problems.append(f"{where}: unknown field")
+        elif error["type"] == "not_supported":
+            problems.append(error["msg"])
         else:
             problems.append(f"{where}: {error['msg']}")
     return "invalid request: " + "; ".join(problems)
@@ -151,6 +153,8 @@ class ChatService:
             raise InvalidRequest(
                 f"max_tokens={max_tokens} must be below the context size of model {model.name} ({model.context_size})"
             )
+        if body.ignore_eos and body.response_format and body.response_format.type != "text":
+            raise InvalidRequest("ignore_eos cannot be combined with a JSON response_format: the JSON must end")
         sampling = SamplingParams(
             temperature=model.sampling.temperature if body.temperature is None else body.temperature,
             top_p=model.sampling.top_p if body.top_p is None else body.top_p,
@@ -159,6 +163,12 @@ class ChatService:
             stop=tuple(body.stop or ()),
             seed=body.seed,
             ignore_eos=body.ignore_eos,
+            presence_penalty=body.presence_penalty or 0.0,
+            frequency_penalty=body.frequency_penalty or 0.0,
+            repetition_penalty=body.repetition_penalty or 1.0,
+            min_p=body.min_p or 0.0,
+            logit_bias=tuple((body.logit_bias or {}).items()),
+            json_output=json_output(body.response_format),
         )
         deadlines = self._deadlines(body, model)
         return PreparedChat(

@@ -29,6 +29,18 @@ class ModelStatus(enum.StrEnum):
     MIXED = "mixed"  # replicas disagree (e.g. one loaded, one failed): ``ModelInfo.replicas`` counts them
 
 
+class JsonOutput(BaseModel):
+    """Output that must parse as JSON: an object matching ``json_schema``, or any object if None.
+
+    Engines enforce it by constrained decoding, so even a random-weight model emits valid JSON
+    (unless ``max_tokens`` cuts it short: ``finish_reason`` is then ``length``).
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    json_schema: dict[str, Any] | None = None
+
+
 class SamplingParams(BaseModel):
     """Resolved sampling settings: request values over the model's defaults."""
 
@@ -41,6 +53,16 @@ class SamplingParams(BaseModel):
     stop: tuple[str, ...] = ()
     seed: int | None = None
     ignore_eos: bool = Field(default=False, description="Generate exactly max_tokens (benchmarks).")
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    min_p: float = 0.0
+    logit_bias: tuple[tuple[int, float], ...] = Field(default=(), description="(token id, bias) pairs.")
+    json_output: JsonOutput | None = Field(default=None, description="Constrain the output to JSON.")
+
+    @property
+    def penalized(self) -> bool:
+        return bool(self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1.0)
 
 
 class GenerationRequest(BaseModel):

@@ -202,7 +202,7 @@ class LlamaCppEngine(Engine):
             request.request_id,
             self._prompt_tokens(request),
             request.sampling,
-            RANDOM_SEED if seed is None else seed & 0xFFFFFFFF,
+            scheduler.samplers.chain(request.sampling, RANDOM_SEED if seed is None else seed & 0xFFFFFFFF),
             lambda item: loop.call_soon_threadsafe(queue.put_nowait, item),
         )
         self._active += 1

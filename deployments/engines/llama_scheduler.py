@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from deployments.engines.base import Delta, SamplingParams, Usage
+from deployments.engines.llama_sampling import Samplers
 from deployments.engines.text_stream import TextStream
 from deployments.errors import InferenceFailed, ServeError
 
@@ -46,7 +47,7 @@ class Sequence:
     request_id: str
     prompt: list[int]
     sampling: SamplingParams
-    seed: int
+    sampler: Any  # its llama.cpp sampler chain (``Samplers.chain``); the scheduler frees it
     emit: Emit
     cancelled: bool = False
     # Scheduler state.
@@ -54,7 +55,6 @@ class Sequence:
     cached: int = 0  # of which reused from a slot's cache
     generated: int = 0
     next_token: int = -1  # sampled, not yet decoded
-    sampler: Any = None
     text: TextStream = field(init=False)
 
     def __post_init__(self) -> None:
@@ -114,6 +114,7 @@ class Scheduler:
         # looked up here once, since every ctypes call gives up the GIL and must win it back from
         # the replica's other threads (Serve's event loops), which stalls the step under load.
         self._eog = frozenset(t for t in range(self._n_vocab) if llama.llama_vocab_is_eog(vocab, t))
+        self.samplers = Samplers(llama, vocab, self._eog)
         buffer = ctypes.create_string_buffer(256)
         self._pieces = [self._token_bytes(t, buffer) for t in range(self._n_vocab)]
         self._n_batch = n_batch
@@ -186,6 +187,9 @@ class Scheduler:
             if slot.seq is not None and slot.seq.cancelled:
                 self._release(slot, keep_cache=False)
         if any(seq.cancelled for seq in self._waiting):
+            for seq in self._waiting:
+                if seq.cancelled:
+                    self.samplers.free(seq.sampler)
             self._waiting = deque(seq for seq in self._waiting if not seq.cancelled)
 
     def _admit(self) -> None:
@@ -204,7 +208,6 @@ class Scheduler:
             self._waiting.popleft()
             self._trim(slot, reuse)
             seq.prefilled = seq.cached = reuse
-            seq.sampler = self._sampler(seq)
             slot.seq = seq
             self.stats.prefix_cache_queries += len(seq.prompt)
             self.stats.prefix_cache_hits += reuse
@@ -232,31 +235,10 @@ class Scheduler:
     def _release(self, slot: Slot, keep_cache: bool) -> None:
         seq = slot.seq
         assert seq is not None
-        self._llama.llama_sampler_free(seq.sampler)
-        seq.sampler = None
+        self.samplers.free(seq.sampler)
         slot.seq, slot.last_used = None, time.monotonic()
         if not keep_cache:
             self._trim(slot, 0)
-
-    def _sampler(self, seq: Sequence) -> Any:
-        """The request's sampler chain, in llama.cpp's own order (bias, top-k, top-p, temperature, draw)."""
-        llama, s = self._llama, seq.sampling
-        chain = llama.llama_sampler_chain_init(llama.llama_sampler_chain_default_params())
-        if s.ignore_eos and self._eog:
-            biases = (llama.llama_logit_bias * len(self._eog))(*((t, float("-inf")) for t in sorted(self._eog)))
-            llama.llama_sampler_chain_add(
-                chain, llama.llama_sampler_init_logit_bias(self._n_vocab, len(self._eog), biases)
-            )
-        if s.temperature <= 0:
-            llama.llama_sampler_chain_add(chain, llama.llama_sampler_init_greedy())
-            return chain
-        if s.top_k > 0:
-            llama.llama_sampler_chain_add(chain, llama.llama_sampler_init_top_k(s.top_k))
-        if s.top_p < 1.0:
-            llama.llama_sampler_chain_add(chain, llama.llama_sampler_init_top_p(s.top_p, 1))
-        llama.llama_sampler_chain_add(chain, llama.llama_sampler_init_temp(s.temperature))
-        llama.llama_sampler_chain_add(chain, llama.llama_sampler_init_dist(seq.seed))
-        return chain
 
     def _step(self) -> None:
         llama, batch = self._llama, self._batch
@@ -337,6 +319,8 @@ class Scheduler:
         """End every sequence: with ``error``, or (stopping) without a final delta."""
         with self._wake:
             waiting, self._waiting = list(self._waiting), deque()
+        for seq in waiting:
+            self.samplers.free(seq.sampler)
         for slot in self._slots:
             if slot.seq is not None:
                 waiting.append(slot.seq)

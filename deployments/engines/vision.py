@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from deployments.config import VisionModelConfig
-from deployments.engines.base import Delta, Engine, GenerationRequest, ModelFacts, Usage
+from deployments.engines.base import Delta, Engine, GenerationRequest, ModelFacts, SamplingParams, Usage
 from deployments.errors import InferenceFailed, InvalidRequest, ModelLoadFailed, ModelNotLoaded
 from deployments.images import open_rgb
 from deployments.quantization import resolve_isq
@@ -202,14 +202,35 @@ class VLLMEngine(Engine):
         return prompt
 
     def _sampling(self, request: GenerationRequest) -> Any:
-        from vllm import SamplingParams
-        from vllm.sampling_params import RequestOutputKind
+        from vllm.sampling_params import StructuredOutputsParams
 
         s = request.sampling
-        return SamplingParams(
+        structured = None
+        if s.json_output is not None:  # no free whitespace: a weak model could emit blanks forever
+            schema = s.json_output.json_schema
+            structured = StructuredOutputsParams(
+                json=schema, json_object=None if schema else True, disable_any_whitespace=True
+            )
+        try:
+            return self._vllm_sampling(s, structured)
+        except ValueError as exc:
+            raise InvalidRequest(f"model {self.config.name} rejected the sampling options: {exc}") from None
+
+    @staticmethod
+    def _vllm_sampling(s: SamplingParams, structured: Any) -> Any:
+        from vllm import SamplingParams as VLLMSamplingParams
+        from vllm.sampling_params import RequestOutputKind
+
+        return VLLMSamplingParams(
             temperature=s.temperature,
             top_p=s.top_p,
             top_k=s.top_k if s.top_k > 0 else -1,
+            min_p=s.min_p,
+            presence_penalty=s.presence_penalty,
+            frequency_penalty=s.frequency_penalty,
+            repetition_penalty=s.repetition_penalty,
+            logit_bias=dict(s.logit_bias) or None,
+            structured_outputs=structured,
             max_tokens=s.max_tokens,
             stop=list(s.stop) or None,
             seed=s.seed,
