@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Sequence
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
 from deployments import constants as C
-from deployments.engines.base import Delta, JsonOutput, ModelInfo, Usage
+from deployments.engines.base import Delta, JsonOutput, ModelInfo, TokenLogprob, Usage
 
 
 class _Strict(BaseModel):
@@ -116,8 +117,6 @@ UNSUPPORTED_FIELDS = (
     "tools",
     "tool_choice",
     "parallel_tool_calls",
-    "logprobs",
-    "top_logprobs",
 )
 UNSET_VALUES = (None, False, [], {})
 
@@ -143,6 +142,8 @@ class ChatCompletionRequest(_Strict):
         default=None, description="Token id -> bias added to its logit."
     )
     response_format: ResponseFormat | None = None
+    logprobs: bool = False
+    top_logprobs: int | None = Field(default=None, ge=0, le=C.MAX_TOP_LOGPROBS)
     # Fields that describe the caller, not the answer: accepted, not acted on (as vLLM does).
     user: str | None = None
     metadata: dict[str, str] | None = None
@@ -172,6 +173,17 @@ class ChatCompletionRequest(_Strict):
                 "not_supported", "{fields}: not supported by this server", {"fields": ", ".join(refused)}
             )
         return data
+
+    @model_validator(mode="after")
+    def _top_logprobs_need_logprobs(self) -> ChatCompletionRequest:
+        if self.top_logprobs and not self.logprobs:
+            raise PydanticCustomError("logprobs", "top_logprobs: needs logprobs set to true")
+        return self
+
+    @property
+    def logprobs_top(self) -> int | None:
+        """What the engines report: None, or each token's logprob and this many alternatives."""
+        return (self.top_logprobs or 0) if self.logprobs else None
 
     @field_validator("stop")
     @classmethod
@@ -234,12 +246,15 @@ class ChunkFactory:
     def chunks(self, delta: Delta) -> list[dict[str, Any]]:
         """The OpenAI chunks for one delta: text, then finish reason, then usage if asked."""
         out = []
-        if delta.text or self._first:
+        if delta.text or self._first or delta.logprobs:
             message: dict[str, Any] = {"content": delta.text}
             if self._first:
                 message["role"] = "assistant"
                 self._first = False
-            out.append(self._chunk([{"index": 0, "delta": message, "finish_reason": None}]))
+            choice = {"index": 0, "delta": message, "finish_reason": None}
+            if delta.logprobs:
+                choice["logprobs"] = logprobs_body(delta.logprobs)
+            out.append(self._chunk([choice]))
         if delta.finish_reason:
             out.append(self._chunk([{"index": 0, "delta": {}, "finish_reason": delta.finish_reason}]))
             if self.include_usage and delta.usage:
@@ -247,13 +262,35 @@ class ChunkFactory:
         return out
 
 
-def completion_body(completion_id: str, model: str, text: str, finish_reason: str, usage: Usage) -> dict[str, Any]:
+def _token(token: bytes, logprob: float) -> dict[str, Any]:
+    # OpenAI's shape; -inf (a token no sampler could pick) is JSON's -9999.0, as OpenAI sends it.
+    return {
+        "token": token.decode("utf-8", errors="replace"),
+        "logprob": max(logprob, -9999.0),
+        "bytes": list(token),
+    }
+
+
+def logprobs_body(logprobs: Sequence[TokenLogprob]) -> dict[str, Any]:
+    return {
+        "content": [
+            _token(lp.token, lp.logprob) | {"top_logprobs": [_token(t, p) for t, p in lp.top]} for lp in logprobs
+        ]
+    }
+
+
+def completion_body(
+    completion_id: str, model: str, text: str, finish_reason: str, usage: Usage, logprobs: Sequence[TokenLogprob] | None
+) -> dict[str, Any]:
+    choice = {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish_reason}
+    if logprobs is not None:
+        choice["logprobs"] = logprobs_body(logprobs)
     return {
         "id": completion_id,
         "object": "chat.completion",
         "created": int(time.time()),
         "model": model,
-        "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish_reason}],
+        "choices": [choice],
         "usage": usage_body(usage),
     }
 

@@ -21,7 +21,15 @@ from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 from deployments.config import AppConfig, Deadlines, ModelConfig
 from deployments.constants import MODEL_INFO_TIMEOUT_S
 from deployments.engines import engine_class
-from deployments.engines.base import Delta, GenerationRequest, ModelFacts, ModelInfo, ModelStatus, SamplingParams
+from deployments.engines.base import (
+    Delta,
+    GenerationRequest,
+    ModelFacts,
+    ModelInfo,
+    ModelStatus,
+    SamplingParams,
+    TokenLogprob,
+)
 from deployments.errors import (
     InferenceTimeout,
     InvalidRequest,
@@ -169,6 +177,7 @@ class ChatService:
             min_p=body.min_p or 0.0,
             logit_bias=tuple((body.logit_bias or {}).items()),
             json_output=json_output(body.response_format),
+            logprobs=body.logprobs_top,
         )
         deadlines = self._deadlines(body, model)
         return PreparedChat(
@@ -263,12 +272,17 @@ class ChatService:
     async def complete(self, prepared: PreparedChat, completion_id: str) -> dict[str, Any]:
         """One OpenAI ``chat.completion`` dict."""
         parts: list[str] = []
+        logprobs: list[TokenLogprob] = []
         last: Delta | None = None
         async for last in self.deltas(prepared):
             parts.append(last.text)
+            logprobs.extend(last.logprobs)
         # The replica ends every stream with its final delta, or raises (Engine.generate's contract).
         assert last is not None and last.finish_reason is not None and last.usage is not None
-        return completion_body(completion_id, prepared.model.name, "".join(parts), last.finish_reason, last.usage)
+        text, asked = "".join(parts), prepared.request.sampling.logprobs is not None
+        return completion_body(
+            completion_id, prepared.model.name, text, last.finish_reason, last.usage, logprobs if asked else None
+        )
 
     # -- models ------------------------------------------------------------------------
 

@@ -59,6 +59,7 @@ class SamplingParams(BaseModel):
     min_p: float = 0.0
     logit_bias: tuple[tuple[int, float], ...] = Field(default=(), description="(token id, bias) pairs.")
     json_output: JsonOutput | None = Field(default=None, description="Constrain the output to JSON.")
+    logprobs: int | None = Field(default=None, description="Report each token's logprob and this many alternatives.")
 
     @property
     def penalized(self) -> bool:
@@ -92,6 +93,16 @@ class Usage:
         return self.prompt_tokens + self.completion_tokens
 
 
+@dataclass(frozen=True, slots=True)
+class TokenLogprob:
+    """A generated token's log-probability under the model (before sampling options), with the
+    most likely alternatives when asked. Tokens are bytes: one may hold part of a character."""
+
+    token: bytes
+    logprob: float
+    top: tuple[tuple[bytes, float], ...] = ()
+
+
 @dataclass(slots=True)
 class Delta:
     """One chunk of generated text. The last delta of a stream has ``finish_reason`` and ``usage``.
@@ -103,13 +114,15 @@ class Delta:
     text: str
     finish_reason: str | None = None
     usage: Usage | None = None
+    logprobs: tuple[TokenLogprob, ...] = ()  # of the tokens behind this delta, when the request asks
 
     @staticmethod
     def join(deltas: Sequence[Delta]) -> Delta:
         """Consecutive deltas as one (the stream's coalescing): their text, the last one's ending."""
         if len(deltas) == 1:
             return deltas[0]
-        return Delta("".join(d.text for d in deltas), deltas[-1].finish_reason, deltas[-1].usage)
+        logprobs = tuple(lp for d in deltas for lp in d.logprobs)
+        return Delta("".join(d.text for d in deltas), deltas[-1].finish_reason, deltas[-1].usage, logprobs)
 
 
 @dataclass(frozen=True, slots=True)

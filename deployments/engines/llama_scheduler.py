@@ -29,7 +29,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from deployments.engines.base import Delta, SamplingParams, Usage
+import numpy as np
+
+from deployments.engines.base import Delta, SamplingParams, TokenLogprob, Usage
 from deployments.engines.llama_sampling import Samplers
 from deployments.engines.text_stream import TextStream
 from deployments.errors import InferenceFailed, ServeError
@@ -279,32 +281,48 @@ class Scheduler:
         self.stats.batch_size = len(outputs)
         self.stats.peak_batch_size = max(self.stats.peak_batch_size, len(outputs))
         for slot, index in outputs:
-            self._sample(slot, llama.llama_sampler_sample(slot.seq.sampler, self._ctx, index))  # type: ignore[union-attr]
+            seq = slot.seq
+            assert seq is not None
+            token = llama.llama_sampler_sample(seq.sampler, self._ctx, index)
+            top = seq.sampling.logprobs
+            self._sample(slot, token, () if top is None else (self._logprob(index, token, top),))
         self.stats.running = len(self._running())
         self.stats.kv_cache_usage_perc = sum(len(s.tokens) for s in self._slots) / self._kv_cells
 
-    def _sample(self, slot: Slot, token: int) -> None:
+    def _logprob(self, index: int, token: int, top: int) -> TokenLogprob:
+        """``token``'s log-softmax over the raw logits at batch ``index``, and the ``top`` likeliest."""
+        logits = np.ctypeslib.as_array(self._llama.llama_get_logits_ith(self._ctx, index), shape=(self._n_vocab,))
+        peak = float(logits.max())
+        norm = peak + float(np.log(np.exp(logits - peak).sum()))
+        alternatives: tuple[tuple[bytes, float], ...] = ()
+        if top:
+            ids = np.argpartition(logits, -top)[-top:]
+            ids = ids[np.argsort(logits[ids])[::-1]]
+            alternatives = tuple((self._pieces[i], float(logits[i]) - norm) for i in ids.tolist())
+        return TokenLogprob(self._pieces[token], float(logits[token]) - norm, alternatives)
+
+    def _sample(self, slot: Slot, token: int, logprobs: tuple[TokenLogprob, ...]) -> None:
         seq = slot.seq
         assert seq is not None
         if seq.cancelled:
             return  # dropped at the next step
         if token in self._eog:
-            return self._finish(slot, "stop", "")
+            return self._finish(slot, "stop", "", ())
         seq.generated += 1
         text = seq.text.push(self._pieces[token])
         if seq.text.stopped:
-            return self._finish(slot, "stop", text)
+            return self._finish(slot, "stop", text, logprobs)
         if seq.generated >= seq.sampling.max_tokens:
-            return self._finish(slot, "length", text)
-        if text:
-            seq.emit(Delta(text))
+            return self._finish(slot, "length", text, logprobs)
+        if text or logprobs:
+            seq.emit(Delta(text, logprobs=logprobs))
         seq.next_token = token
 
-    def _finish(self, slot: Slot, reason: str, text: str) -> None:
+    def _finish(self, slot: Slot, reason: str, text: str, logprobs: tuple[TokenLogprob, ...]) -> None:
         seq = slot.seq
         assert seq is not None
         usage = Usage(len(seq.prompt), seq.generated, seq.cached)
-        seq.emit(Delta(text + seq.text.flush(), finish_reason=reason, usage=usage))
+        seq.emit(Delta(text + seq.text.flush(), finish_reason=reason, usage=usage, logprobs=logprobs))
         seq.emit(END)
         self._release(slot, keep_cache=True)
 

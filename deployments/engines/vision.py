@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from deployments.config import VisionModelConfig
-from deployments.engines.base import Delta, Engine, GenerationRequest, ModelFacts, SamplingParams, Usage
+from deployments.engines.base import Delta, Engine, GenerationRequest, ModelFacts, SamplingParams, TokenLogprob, Usage
 from deployments.errors import InferenceFailed, InvalidRequest, ModelLoadFailed, ModelNotLoaded
 from deployments.images import open_rgb
 from deployments.quantization import resolve_isq
@@ -230,6 +230,7 @@ class VLLMEngine(Engine):
             frequency_penalty=s.frequency_penalty,
             repetition_penalty=s.repetition_penalty,
             logit_bias=dict(s.logit_bias) or None,
+            logprobs=s.logprobs,
             structured_outputs=structured,
             max_tokens=s.max_tokens,
             stop=list(s.stop) or None,
@@ -256,8 +257,9 @@ class VLLMEngine(Engine):
                     prompt_tokens = len(output.prompt_token_ids or ()) or prompt_tokens
                     completion = output.outputs[0]
                     completion_tokens += len(completion.token_ids)
-                    if completion.text:
-                        yield Delta(completion.text)
+                    logprobs = _token_logprobs(completion, request.sampling.logprobs)
+                    if completion.text or logprobs:
+                        yield Delta(completion.text, logprobs=logprobs)
                     if output.finished and completion.finish_reason != "abort":  # abort: ended by unload
                         usage = Usage(prompt_tokens, completion_tokens)
                         yield Delta("", finish_reason=completion.finish_reason or "stop", usage=usage)
@@ -272,3 +274,23 @@ class VLLMEngine(Engine):
         finally:
             self._requests.discard(request_id)
             self._generation_ended()
+
+
+def _token_logprobs(completion: Any, top: int | None) -> tuple[TokenLogprob, ...]:
+    """vLLM's per-token logprob maps (the sampled token and the ``top`` ranked ones) as ours."""
+    if top is None or not completion.logprobs:
+        return ()
+    out = []
+    for token_id, ranked in zip(completion.token_ids, completion.logprobs, strict=True):
+        alternatives = sorted(
+            (lp for lp in ranked.values() if lp.rank is not None and lp.rank <= top), key=lambda lp: lp.rank
+        )
+        chosen = ranked[token_id]
+        out.append(
+            TokenLogprob(
+                (chosen.decoded_token or "").encode(),
+                chosen.logprob,
+                tuple(((lp.decoded_token or "").encode(), lp.logprob) for lp in alternatives),
+            )
+        )
+    return tuple(out)

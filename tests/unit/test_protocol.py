@@ -1,8 +1,11 @@
+import json
+
 import pytest
 
-from deployments.engines.base import Delta, Usage
+from deployments.engines.base import Delta, JsonOutput, TokenLogprob, Usage
+from deployments.engines.llama_sampling import json_grammar
 from deployments.errors import InvalidRequest
-from deployments.protocol import ChatCompletionRequest, ChunkFactory, sse_event
+from deployments.protocol import ChatCompletionRequest, ChunkFactory, completion_body, json_output, sse_event
 from deployments.serving import parse_request
 
 
@@ -60,3 +63,65 @@ def test_content_parts_and_image_detection() -> None:
     )
     assert request.messages[1].text() == "ab"
     assert not request.has_images
+
+
+BASE = {"model": "m", "messages": [{"role": "user", "content": "x"}]}
+
+
+def test_response_formats_become_what_the_engines_enforce() -> None:
+    schema = {"type": "object", "properties": {"a": {"type": "integer"}}}
+    as_schema = {"type": "json_schema", "json_schema": {"name": "a", "schema": schema, "strict": True}}
+    assert json_output(parse_request(BASE | {"response_format": as_schema}).response_format) == JsonOutput(
+        json_schema=schema
+    )
+    assert json_output(parse_request(BASE | {"response_format": {"type": "json_object"}}).response_format) == (
+        JsonOutput()
+    )
+    assert json_output(parse_request(BASE | {"response_format": {"type": "text"}}).response_format) is None
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        ({"response_format": {"type": "json_schema", "json_schema": {"name": "a", "schema": {"type": "objet"}}}},
+         "not a valid JSON schema"),
+        ({"response_format": {"type": "json_schema", "json_schema": {"name": "a b", "schema": {}}}}, "name"),
+        ({"audio": {"voice": "x"}, "tools": [{"type": "function"}]}, "audio, tools: not supported by this server"),
+        ({"modalities": ["text", "audio"]}, "modalities: not supported by this server"),
+        ({"logit_bias": {"5": 101}}, "logit_bias.5"),
+        ({"frequency_penalty": -2.5}, "frequency_penalty"),
+        ({"top_k_": 3}, "top_k_: unknown field"),
+        ({"top_logprobs": 3}, "top_logprobs: needs logprobs set to true"),
+        ({"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
+    ],
+)  # fmt: skip
+def test_bad_openai_fields_are_400s_that_name_them(extra: dict, message: str) -> None:
+    with pytest.raises(InvalidRequest, match=message.replace(".", r"\.")):
+        parse_request(BASE | extra)
+
+
+def test_openai_fields_at_their_off_values_are_accepted() -> None:
+    off = {"logprobs": False, "tools": [], "tool_choice": None, "modalities": ["text"], "store": False, "user": "u"}
+    request = parse_request(json.dumps(BASE | off))
+    assert request.user == "u"
+
+
+def test_json_object_and_schema_grammars() -> None:
+    """llama.cpp's grammars: any object for json_object; a schema's grammar spells its keys."""
+    assert "object" in json_grammar(JsonOutput())
+    assert '\\"color\\"' in json_grammar(JsonOutput(json_schema={"properties": {"color": {"enum": ["red"]}}}))
+    with pytest.raises(InvalidRequest, match="cannot express"):
+        json_grammar(JsonOutput(json_schema={"$ref": "https://example.com/schema.json"}))
+
+
+def test_logprobs_in_chunks_and_whole_answers_take_openais_shape() -> None:
+    token = TokenLogprob(b"\xc3", float("-inf"), ((b"a", -0.5),))
+    chunk = ChunkFactory("id", "m", include_usage=False).chunks(Delta("", logprobs=(token,)))[0]
+    expected = {"token": "\ufffd", "logprob": -9999.0, "bytes": [195], "top_logprobs": [
+        {"token": "a", "logprob": -0.5, "bytes": [97]}]}  # fmt: skip
+    assert chunk["choices"][0]["logprobs"] == {"content": [expected]}
+    whole = completion_body("id", "m", "", "stop", Usage(1, 1), [token])
+    assert whole["choices"][0]["logprobs"] == {"content": [expected]}
+    assert "logprobs" not in completion_body("id", "m", "", "stop", Usage(1, 1), None)["choices"][0]
+    assert parse_request(BASE | {"logprobs": True}).logprobs_top == 0
+    assert parse_request(BASE).logprobs_top is None
