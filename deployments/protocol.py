@@ -16,6 +16,7 @@ from pydantic_core import PydanticCustomError
 
 from deployments import constants as C
 from deployments.engines.base import Delta, JsonOutput, ModelInfo, TokenLogprob, Usage
+from deployments.tools import NamedToolChoice, Tool, ToolCall, ToolUse
 
 
 class _Strict(BaseModel):
@@ -40,28 +41,79 @@ class ImagePart(_Strict):
 ContentPart = Annotated[TextPart | ImagePart, Field(discriminator="type")]
 
 
+class CalledFunction(_Strict):
+    name: str
+    arguments: str  # JSON text
+
+    @field_validator("arguments")
+    @classmethod
+    def _json_object(cls, arguments: str) -> str:
+        try:
+            valid = isinstance(json.loads(arguments), dict)
+        except json.JSONDecodeError:
+            valid = False
+        if not valid:
+            raise PydanticCustomError("arguments", "a tool call's arguments must be a JSON object in a string")
+        return arguments
+
+
+class AssistantToolCall(_Strict):
+    id: str = Field(min_length=1)
+    type: Literal["function"] = "function"
+    function: CalledFunction
+
+
 class ChatMessage(_Strict):
-    role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[ContentPart]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[ContentPart] | None = None
     name: str | None = None
+    tool_calls: list[AssistantToolCall] | None = None  # role assistant
+    tool_call_id: str | None = None  # role tool: the call this message answers
+    refusal: str | None = None  # what the SDK echoes back of an assistant message
+
+    @model_validator(mode="after")
+    def _shape(self) -> ChatMessage:
+        if self.content is None and not (self.role == "assistant" and self.tool_calls):
+            raise PydanticCustomError("content", "content: required, unless an assistant message has tool_calls")
+        if self.tool_calls and self.role != "assistant":
+            raise PydanticCustomError("tool_calls", "tool_calls: only assistant messages make tool calls")
+        if (self.role == "tool") != (self.tool_call_id is not None):
+            raise PydanticCustomError("tool_call_id", "tool_call_id: a tool message, and only one, names its call")
+        return self
 
     @property
     def images(self) -> list[ImagePart]:
-        return [] if isinstance(self.content, str) else [p for p in self.content if isinstance(p, ImagePart)]
+        if self.content is None or isinstance(self.content, str):
+            return []
+        return [p for p in self.content if isinstance(p, ImagePart)]
 
     def text(self) -> str:
-        if isinstance(self.content, str):
-            return self.content
+        if self.content is None or isinstance(self.content, str):
+            return self.content or ""
         return "".join(p.text for p in self.content if isinstance(p, TextPart))
 
     def engine_message(self) -> dict[str, Any]:
-        """The message an engine's chat template takes: string content unless it has images."""
+        """The message an engine's chat template takes: string content unless it has images;
+        tool calls with their arguments as objects (what templates render with ``tojson``)."""
         if not self.images:
-            return {"role": self.role, "content": self.text()}
-        parts = [
-            {"type": "text", "text": p.text} if isinstance(p, TextPart) else {"type": "image"} for p in self.content
-        ]
-        return {"role": self.role, "content": parts}
+            message: dict[str, Any] = {"role": self.role, "content": self.text()}
+        else:
+            parts = [
+                {"type": "text", "text": p.text} if isinstance(p, TextPart) else {"type": "image"} for p in self.content
+            ]  # type: ignore[union-attr]
+            message = {"role": self.role, "content": parts}
+        if self.tool_calls:
+            message["tool_calls"] = [
+                {
+                    "id": c.id,
+                    "type": "function",
+                    "function": {"name": c.function.name, "arguments": json.loads(c.function.arguments)},
+                }
+                for c in self.tool_calls
+            ]
+        if self.tool_call_id is not None:
+            message["tool_call_id"] = self.tool_call_id
+        return message
 
 
 class StreamOptions(_Strict):
@@ -114,9 +166,6 @@ UNSUPPORTED_FIELDS = (
     "function_call",
     "reasoning_effort",
     "verbosity",
-    "tools",
-    "tool_choice",
-    "parallel_tool_calls",
 )
 UNSET_VALUES = (None, False, [], {})
 
@@ -142,6 +191,9 @@ class ChatCompletionRequest(_Strict):
         default=None, description="Token id -> bias added to its logit."
     )
     response_format: ResponseFormat | None = None
+    tools: list[Tool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool | None = None
     logprobs: bool = False
     top_logprobs: int | None = Field(default=None, ge=0, le=C.MAX_TOP_LOGPROBS)
     # Fields that describe the caller, not the answer: accepted, not acted on (as vLLM does).
@@ -175,10 +227,43 @@ class ChatCompletionRequest(_Strict):
         return data
 
     @model_validator(mode="after")
-    def _top_logprobs_need_logprobs(self) -> ChatCompletionRequest:
+    def _consistent(self) -> ChatCompletionRequest:
         if self.top_logprobs and not self.logprobs:
             raise PydanticCustomError("logprobs", "top_logprobs: needs logprobs set to true")
+        names = [t.function.name for t in self.tools or ()]
+        if len(set(names)) < len(names):
+            raise PydanticCustomError("tools", "tools: function names must be unique")
+        choice = self.tool_choice
+        if isinstance(choice, NamedToolChoice) and choice.function.name not in names:
+            raise PydanticCustomError(
+                "tool_choice", "tool_choice: function '{name}' is not in tools", {"name": choice.function.name}
+            )
+        if choice == "required" and not names:
+            raise PydanticCustomError("tool_choice", "tool_choice: 'required' needs tools")
+        constrained = choice == "required" or isinstance(choice, NamedToolChoice)
+        if constrained and self.response_format is not None and self.response_format.type != "text":
+            raise PydanticCustomError(
+                "tool_choice", "tool_choice: a required or named call cannot be combined with a JSON response_format"
+            )
+        calls: set[str] = set()
+        for i, message in enumerate(self.messages):
+            calls.update(c.id for c in message.tool_calls or ())
+            if message.tool_call_id is not None and message.tool_call_id not in calls:
+                raise PydanticCustomError(
+                    "tool_call_id",
+                    "messages.{i}.tool_call_id: '{id}' answers no tool call of an earlier assistant message",
+                    {"i": i, "id": message.tool_call_id},
+                )
         return self
+
+    def tool_use(self) -> ToolUse | None:
+        """How this request's tools are used; None without tools, or when ``tool_choice`` is none."""
+        if not self.tools or self.tool_choice == "none":
+            return None
+        parallel = self.parallel_tool_calls is not False
+        if isinstance(self.tool_choice, NamedToolChoice):
+            return ToolUse(tuple(self.tools), "named", self.tool_choice.function.name, parallel)
+        return ToolUse(tuple(self.tools), self.tool_choice or "auto", None, parallel)
 
     @property
     def logprobs_top(self) -> int | None:
@@ -243,8 +328,8 @@ class ChunkFactory:
             body["usage"] = usage_body(usage) if usage else None
         return body
 
-    def chunks(self, delta: Delta) -> list[dict[str, Any]]:
-        """The OpenAI chunks for one delta: text, then finish reason, then usage if asked."""
+    def chunks(self, delta: Delta, calls: Sequence[ToolCall] = ()) -> list[dict[str, Any]]:
+        """The OpenAI chunks for one delta: text, tool calls, then finish reason, then usage if asked."""
         out = []
         if delta.text or self._first or delta.logprobs:
             message: dict[str, Any] = {"content": delta.text}
@@ -255,6 +340,9 @@ class ChunkFactory:
             if delta.logprobs:
                 choice["logprobs"] = logprobs_body(delta.logprobs)
             out.append(self._chunk([choice]))
+        if calls:  # whole calls, one chunk (the SDK's accumulators take fragments or wholes)
+            tool_calls = [call.body(index) for index, call in enumerate(calls)]
+            out.append(self._chunk([{"index": 0, "delta": {"tool_calls": tool_calls}, "finish_reason": None}]))
         if delta.finish_reason:
             out.append(self._chunk([{"index": 0, "delta": {}, "finish_reason": delta.finish_reason}]))
             if self.include_usage and delta.usage:
@@ -280,9 +368,18 @@ def logprobs_body(logprobs: Sequence[TokenLogprob]) -> dict[str, Any]:
 
 
 def completion_body(
-    completion_id: str, model: str, text: str, finish_reason: str, usage: Usage, logprobs: Sequence[TokenLogprob] | None
+    completion_id: str,
+    model: str,
+    final: Delta,
+    logprobs: Sequence[TokenLogprob] | None,
+    calls: Sequence[ToolCall] = (),
 ) -> dict[str, Any]:
-    choice = {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish_reason}
+    """One ``chat.completion``: ``final`` holds the whole text, the finish reason and usage."""
+    assert final.finish_reason is not None and final.usage is not None
+    message: dict[str, Any] = {"role": "assistant", "content": final.text if final.text or not calls else None}
+    if calls:
+        message["tool_calls"] = [call.body() for call in calls]
+    choice = {"index": 0, "message": message, "finish_reason": final.finish_reason}
     if logprobs is not None:
         choice["logprobs"] = logprobs_body(logprobs)
     return {
@@ -291,7 +388,7 @@ def completion_body(
         "created": int(time.time()),
         "model": model,
         "choices": [choice],
-        "usage": usage_body(usage),
+        "usage": usage_body(final.usage),
     }
 
 

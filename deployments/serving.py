@@ -24,6 +24,7 @@ from deployments.engines import engine_class
 from deployments.engines.base import (
     Delta,
     GenerationRequest,
+    JsonOutput,
     ModelFacts,
     ModelInfo,
     ModelStatus,
@@ -42,6 +43,7 @@ from deployments.metrics import router_metrics
 from deployments.protocol import ChatCompletionRequest, ChunkFactory, completion_body, json_output, model_card
 from deployments.replica import deployment_name
 from deployments.streaming import coalescing_window, with_deadlines
+from deployments.tools import ToolCall, ToolCallFilter, ToolUse
 
 
 def new_request_id() -> str:
@@ -70,7 +72,7 @@ def _describe_validation_error(exc: ValidationError) -> str:
             problems.append(f"the request body is not valid JSON ({error['ctx']['error']})")
         elif error["type"] == "extra_forbidden":
             problems.append(f"{where}: unknown field")
-        elif error["type"] == "not_supported":
+        elif not error["loc"]:  # a rule over several fields: its message names them
             problems.append(error["msg"])
         else:
             problems.append(f"{where}: {error['msg']}")
@@ -125,6 +127,7 @@ class PreparedChat:
     request: GenerationRequest
     deadlines: Deadlines
     include_usage: bool
+    tools: ToolUse | None = None  # its calls are parsed out of the answer
 
 
 class ChatService:
@@ -163,6 +166,8 @@ class ChatService:
             )
         if body.ignore_eos and body.response_format and body.response_format.type != "text":
             raise InvalidRequest("ignore_eos cannot be combined with a JSON response_format: the JSON must end")
+        tools = body.tool_use()
+        schema = tools.call_schema() if tools else None  # required and named calls are constrained
         sampling = SamplingParams(
             temperature=model.sampling.temperature if body.temperature is None else body.temperature,
             top_p=model.sampling.top_p if body.top_p is None else body.top_p,
@@ -176,7 +181,7 @@ class ChatService:
             repetition_penalty=body.repetition_penalty or 1.0,
             min_p=body.min_p or 0.0,
             logit_bias=tuple((body.logit_bias or {}).items()),
-            json_output=json_output(body.response_format),
+            json_output=JsonOutput(json_schema=schema) if schema is not None else json_output(body.response_format),
             logprobs=body.logprobs_top,
         )
         deadlines = self._deadlines(body, model)
@@ -185,12 +190,14 @@ class ChatService:
             request=GenerationRequest(
                 request_id=request_id,
                 messages=tuple(m.engine_message() for m in body.messages),
+                tools=tools.template_tools() if tools else (),
                 images=await self._images(body, model),
                 sampling=sampling,
                 stream_interval_s=coalescing_window(model.stream_interval_s, deadlines),
             ),
             deadlines=deadlines,
             include_usage=bool(body.stream_options and body.stream_options.include_usage),
+            tools=tools,
         )
 
     async def _images(self, body: ChatCompletionRequest, model: ModelConfig) -> tuple[bytes, ...]:
@@ -264,9 +271,13 @@ class ChatService:
     async def stream(self, prepared: PreparedChat, completion_id: str) -> AsyncIterator[dict[str, Any]]:
         """OpenAI ``chat.completion.chunk`` dicts."""
         factory = ChunkFactory(completion_id, prepared.model.name, prepared.include_usage)
+        calls_filter = ToolCallFilter(prepared.tools) if prepared.tools else None
         async with aclosing(self.deltas(prepared)) as deltas:
             async for delta in deltas:
-                for chunk in factory.chunks(delta):
+                calls: list[ToolCall] = []
+                if calls_filter is not None:
+                    delta, calls = calls_filter.filter(delta)
+                for chunk in factory.chunks(delta, calls):
                     yield chunk
 
     async def complete(self, prepared: PreparedChat, completion_id: str) -> dict[str, Any]:
@@ -279,10 +290,11 @@ class ChatService:
             logprobs.extend(last.logprobs)
         # The replica ends every stream with its final delta, or raises (Engine.generate's contract).
         assert last is not None and last.finish_reason is not None and last.usage is not None
-        text, asked = "".join(parts), prepared.request.sampling.logprobs is not None
-        return completion_body(
-            completion_id, prepared.model.name, text, last.finish_reason, last.usage, logprobs if asked else None
-        )
+        final, calls = Delta("".join(parts), last.finish_reason, last.usage), []
+        if prepared.tools is not None:
+            final, calls = ToolCallFilter(prepared.tools).filter(final)
+        asked = prepared.request.sampling.logprobs is not None
+        return completion_body(completion_id, prepared.model.name, final, logprobs if asked else None, calls)
 
     # -- models ------------------------------------------------------------------------
 

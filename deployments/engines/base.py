@@ -76,6 +76,7 @@ class GenerationRequest(BaseModel):
         description="Chat messages: string content, or parts {type: text, text} / {type: image} in order."
     )
     images: tuple[bytes, ...] = Field(default=(), description="Verified image bytes, one per image part, in order.")
+    tools: tuple[dict[str, Any], ...] = Field(default=(), description="OpenAI tool specs, for the chat template.")
     sampling: SamplingParams
     stream_interval_s: float = Field(
         default=0.0, ge=0.0, description="Coalesce deltas into one chunk per interval after the first; 0: every delta."

@@ -24,6 +24,7 @@ from deployments.engines.base import Delta, Engine, GenerationRequest, ModelFact
 from deployments.engines.llama_scheduler import END, Scheduler, Sequence
 from deployments.errors import InvalidRequest, ModelLoadFailed, ModelNotLoaded
 from deployments.quantization import resolve_gguf_quantization
+from deployments.tools import template_input
 
 logger = logging.getLogger("ray.serve")
 
@@ -179,7 +180,11 @@ class LlamaCppEngine(Engine):
     # -- generation --------------------------------------------------------------------
 
     def _prompt_tokens(self, request: GenerationRequest) -> list[int]:
-        prompt = self._formatter(messages=list(request.messages))
+        messages, tools = template_input(request.messages, request.tools, self._formatter.template)
+        try:
+            prompt = self._formatter(messages=messages, tools=tools)
+        except Exception as exc:  # the template's raise_exception, or a Jinja error on these messages
+            raise InvalidRequest(f"the messages do not fit the model's chat template: {exc}") from None
         tokens = self._model.tokenize(prompt.prompt.encode(), add_bos=not prompt.added_special, special=True)
         max_tokens = request.sampling.max_tokens
         if not tokens or len(tokens) + max_tokens > self.config.context_size:

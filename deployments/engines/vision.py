@@ -25,6 +25,7 @@ from deployments.engines.base import Delta, Engine, GenerationRequest, ModelFact
 from deployments.errors import InferenceFailed, InvalidRequest, ModelLoadFailed, ModelNotLoaded
 from deployments.images import open_rgb
 from deployments.quantization import resolve_isq
+from deployments.tools import template_input
 
 logger = logging.getLogger("ray.serve")
 
@@ -191,8 +192,9 @@ class VLLMEngine(Engine):
 
     def _prompt(self, request: GenerationRequest) -> dict[str, Any]:
         try:
+            messages, tools = template_input(request.messages, request.tools, self._tokenizer.chat_template or "")
             text = self._tokenizer.apply_chat_template(
-                list(request.messages), add_generation_prompt=True, tokenize=False
+                messages, tools=tools, add_generation_prompt=True, tokenize=False
             )
         except Exception as exc:
             raise InvalidRequest(f"the messages do not fit the model's chat template: {exc}") from None

@@ -86,7 +86,8 @@ def test_response_formats_become_what_the_engines_enforce() -> None:
         ({"response_format": {"type": "json_schema", "json_schema": {"name": "a", "schema": {"type": "objet"}}}},
          "not a valid JSON schema"),
         ({"response_format": {"type": "json_schema", "json_schema": {"name": "a b", "schema": {}}}}, "name"),
-        ({"audio": {"voice": "x"}, "tools": [{"type": "function"}]}, "audio, tools: not supported by this server"),
+        ({"audio": {"voice": "x"}, "prediction": {"type": "content"}},
+         "audio, prediction: not supported by this server"),
         ({"modalities": ["text", "audio"]}, "modalities: not supported by this server"),
         ({"logit_bias": {"5": 101}}, "logit_bias.5"),
         ({"frequency_penalty": -2.5}, "frequency_penalty"),
@@ -120,8 +121,8 @@ def test_logprobs_in_chunks_and_whole_answers_take_openais_shape() -> None:
     expected = {"token": "\ufffd", "logprob": -9999.0, "bytes": [195], "top_logprobs": [
         {"token": "a", "logprob": -0.5, "bytes": [97]}]}  # fmt: skip
     assert chunk["choices"][0]["logprobs"] == {"content": [expected]}
-    whole = completion_body("id", "m", "", "stop", Usage(1, 1), [token])
-    assert whole["choices"][0]["logprobs"] == {"content": [expected]}
-    assert "logprobs" not in completion_body("id", "m", "", "stop", Usage(1, 1), None)["choices"][0]
+    final = Delta("", "stop", Usage(1, 1))
+    assert completion_body("id", "m", final, [token])["choices"][0]["logprobs"] == {"content": [expected]}
+    assert "logprobs" not in completion_body("id", "m", final, None)["choices"][0]
     assert parse_request(BASE | {"logprobs": True}).logprobs_top == 0
     assert parse_request(BASE).logprobs_top is None
