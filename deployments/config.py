@@ -304,6 +304,9 @@ class RouterConfig(StrictModel):
     )
     max_body_bytes: PositiveInt = Field(default=C.DEFAULT_MAX_BODY_BYTES, description="Request body size limit.")
     max_messages: PositiveInt = Field(default=C.DEFAULT_MAX_MESSAGES, description="Messages per request.")
+    max_choices: PositiveInt = Field(
+        default=C.DEFAULT_MAX_CHOICES, description="Choices per request: n, times the prompts of a text completion."
+    )
     images: ImageLimits = ImageLimits()
     deployment: DeploymentOptions = DeploymentOptions()
 

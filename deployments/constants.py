@@ -59,8 +59,10 @@ MODEL_INFO_TIMEOUT_S = 5.0
 # Request limits (images are inline, so bodies can be large).
 DEFAULT_MAX_BODY_BYTES = 64 * 2**20
 DEFAULT_MAX_MESSAGES = 256
+DEFAULT_MAX_CHOICES = 8  # each one is a sequence in an engine
 MAX_STOP_SEQUENCES = 4  # OpenAI's limit
 MAX_TOP_LOGPROBS = 20  # OpenAI's limit
+MAX_COMPLETION_LOGPROBS = 5  # OpenAI's limit for /v1/completions
 
 # Vision.
 DEFAULT_KV_CACHE_BYTES = 256 * 2**20

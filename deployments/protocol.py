@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Sequence
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, field_validator, model_validator
 from pydantic_core import PydanticCustomError
@@ -155,47 +155,31 @@ class JsonSchemaFormat(_Strict):
 
 ResponseFormat = Annotated[TextFormat | JsonObjectFormat | JsonSchemaFormat, Field(discriminator="type")]
 
-# OpenAI chat fields this server cannot honour: a request that sets one gets a 400 saying so,
-# never an answer that silently ignores it.
-UNSUPPORTED_FIELDS = (
-    "audio",
-    "modalities",
-    "prediction",
-    "web_search_options",
-    "functions",
-    "function_call",
-    "reasoning_effort",
-    "verbosity",
-)
 UNSET_VALUES = (None, False, [], {})
 
 
-class ChatCompletionRequest(_Strict):
-    """``POST /v1/chat/completions``; the deadline fields are our extension (``extra_body``)."""
+class GenerationFields(_Strict):
+    """What chat and text completions share: model, sampling, streaming, our extensions (``extra_body``)."""
+
+    # OpenAI fields this server cannot honour: a request that sets one gets a 400 saying so,
+    # never an answer that silently ignores it.
+    UNSUPPORTED_FIELDS: ClassVar[tuple[str, ...]] = ()
 
     model: str
-    messages: list[ChatMessage] = Field(min_length=1)
     stream: bool = False
     stream_options: StreamOptions | None = None
     temperature: float | None = Field(default=None, ge=0.0, le=2.0)
     top_p: float | None = Field(default=None, gt=0.0, le=1.0)
     top_k: int | None = Field(default=None, ge=0)
     max_tokens: PositiveInt | None = None
-    max_completion_tokens: PositiveInt | None = None
     stop: str | list[str] | None = None
     seed: int | None = None
-    n: Literal[1] = 1
+    n: PositiveInt = Field(default=1, description="Choices per prompt (bounded by router.max_choices).")
     presence_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
     frequency_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
     logit_bias: dict[int, Annotated[float, Field(ge=-100.0, le=100.0)]] | None = Field(
         default=None, description="Token id -> bias added to its logit."
     )
-    response_format: ResponseFormat | None = None
-    tools: list[Tool] | None = None
-    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
-    parallel_tool_calls: bool | None = None
-    logprobs: bool = False
-    top_logprobs: int | None = Field(default=None, ge=0, le=C.MAX_TOP_LOGPROBS)
     # Fields that describe the caller, not the answer: accepted, not acted on (as vLLM does).
     user: str | None = None
     metadata: dict[str, str] | None = None
@@ -203,7 +187,7 @@ class ChatCompletionRequest(_Strict):
     service_tier: str | None = None
     safety_identifier: str | None = None
     prompt_cache_key: str | None = None
-    # Extensions (``extra_body``): sampling options of vLLM and llama.cpp.
+    # Extensions: sampling options of vLLM and llama.cpp, exact lengths, deadlines.
     repetition_penalty: float | None = Field(default=None, gt=0.0)
     min_p: float | None = Field(default=None, ge=0.0, le=1.0)
     ignore_eos: bool = False
@@ -214,17 +198,53 @@ class ChatCompletionRequest(_Strict):
     @model_validator(mode="before")
     @classmethod
     def _unsupported(cls, data: Any) -> Any:
-        """Drop OpenAI fields left at their off value; refuse those set (see ``UNSUPPORTED_FIELDS``)."""
+        """Drop unsupported fields left at their off value; refuse those set."""
         if not isinstance(data, dict):
             return data
-        data = {k: v for k, v in data.items() if not (k in UNSUPPORTED_FIELDS and v in UNSET_VALUES)}
+        data = {k: v for k, v in data.items() if not (k in cls.UNSUPPORTED_FIELDS and v in UNSET_VALUES)}
         if data.get("modalities") == ["text"]:  # what we answer with anyway
             del data["modalities"]
-        if refused := sorted(k for k in data if k in UNSUPPORTED_FIELDS):
+        if refused := sorted(k for k in data if k in cls.UNSUPPORTED_FIELDS):
             raise PydanticCustomError(
                 "not_supported", "{fields}: not supported by this server", {"fields": ", ".join(refused)}
             )
         return data
+
+    @field_validator("stop")
+    @classmethod
+    def _stop_list(cls, value: str | list[str] | None) -> list[str]:
+        stops = [value] if isinstance(value, str) else list(value or [])
+        if len(stops) > C.MAX_STOP_SEQUENCES or any(not s for s in stops):
+            raise ValueError(f"stop takes at most {C.MAX_STOP_SEQUENCES} non-empty strings")
+        return stops
+
+    @property
+    def include_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.include_usage)
+
+
+class ChatCompletionRequest(GenerationFields):
+    """``POST /v1/chat/completions``."""
+
+    UNSUPPORTED_FIELDS = (
+        "audio",
+        "modalities",
+        "prediction",
+        "web_search_options",
+        "functions",
+        "function_call",
+        "reasoning_effort",
+        "verbosity",
+    )
+
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: PositiveInt | None = None
+    response_format: ResponseFormat | None = None
+    tools: list[Tool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool | None = None
+    logprobs: bool = False
+    top_logprobs: int | None = Field(default=None, ge=0, le=C.MAX_TOP_LOGPROBS)
 
     @model_validator(mode="after")
     def _consistent(self) -> ChatCompletionRequest:
@@ -270,17 +290,32 @@ class ChatCompletionRequest(_Strict):
         """What the engines report: None, or each token's logprob and this many alternatives."""
         return (self.top_logprobs or 0) if self.logprobs else None
 
-    @field_validator("stop")
-    @classmethod
-    def _stop_list(cls, value: str | list[str] | None) -> list[str]:
-        stops = [value] if isinstance(value, str) else list(value or [])
-        if len(stops) > C.MAX_STOP_SEQUENCES or any(not s for s in stops):
-            raise ValueError(f"stop takes at most {C.MAX_STOP_SEQUENCES} non-empty strings")
-        return stops
-
     @property
     def has_images(self) -> bool:
         return any(m.images for m in self.messages)
+
+
+class CompletionRequest(GenerationFields):
+    """``POST /v1/completions``: text in, text out, no chat template. A list of prompts gets
+    a choice per prompt (times ``n``), as OpenAI's ``index`` orders them."""
+
+    UNSUPPORTED_FIELDS = ("suffix",)
+
+    prompt: str | list[str] = Field(min_length=1)
+    max_tokens: PositiveInt | None = Field(default=16, description="OpenAI's default for text completions.")
+    echo: bool = Field(default=False, description="Put the prompt before the generated text.")
+    best_of: Literal[1] | None = None
+    logprobs: int | None = Field(default=None, ge=0, le=C.MAX_COMPLETION_LOGPROBS)
+
+    @property
+    def prompts(self) -> list[str]:
+        return [self.prompt] if isinstance(self.prompt, str) else self.prompt
+
+    @model_validator(mode="after")
+    def _consistent(self) -> CompletionRequest:
+        if self.echo and self.logprobs is not None:
+            raise PydanticCustomError("echo", "echo with logprobs: not supported by this server (no prompt logprobs)")
+        return self
 
 
 def json_output(response_format: TextFormat | JsonObjectFormat | JsonSchemaFormat | None) -> JsonOutput | None:
@@ -304,22 +339,23 @@ def usage_body(usage: Usage) -> dict[str, Any]:
     }
 
 
-class ChunkFactory:
-    """Builds the ``chat.completion.chunk`` dicts of one stream (shared id, model, created)."""
+class _Chunks:
+    """The chunks of one stream: shared id, object, model and creation time; with
+    ``include_usage``, every chunk carries ``usage`` (null until the last), as OpenAI's do."""
 
-    __slots__ = ("_first", "completion_id", "created", "include_usage", "model")
+    __slots__ = ("completion_id", "created", "include_usage", "model")
+    OBJECT = ""
 
-    def __init__(self, completion_id: str, model: str, include_usage: bool) -> None:
+    def __init__(self, completion_id: str, model: str, include_usage: bool = False) -> None:
         self.completion_id = completion_id
         self.model = model
         self.created = int(time.time())
         self.include_usage = include_usage
-        self._first = True
 
     def _chunk(self, choices: list[dict[str, Any]], usage: Usage | None = None) -> dict[str, Any]:
         body: dict[str, Any] = {
             "id": self.completion_id,
-            "object": "chat.completion.chunk",
+            "object": self.OBJECT,
             "created": self.created,
             "model": self.model,
             "choices": choices,
@@ -328,26 +364,51 @@ class ChunkFactory:
             body["usage"] = usage_body(usage) if usage else None
         return body
 
-    def chunks(self, delta: Delta, calls: Sequence[ToolCall] = ()) -> list[dict[str, Any]]:
-        """The OpenAI chunks for one delta: text, tool calls, then finish reason, then usage if asked."""
+    def usage_chunk(self, usage: Usage) -> dict[str, Any]:
+        """The last chunk: no choices, the request's usage."""
+        return self._chunk([], usage)
+
+
+class ChunkFactory(_Chunks):
+    """``chat.completion.chunk`` dicts; each choice opens with the assistant role."""
+
+    __slots__ = ("_opened",)
+    OBJECT = "chat.completion.chunk"
+
+    def __init__(self, completion_id: str, model: str, include_usage: bool = False) -> None:
+        super().__init__(completion_id, model, include_usage)
+        self._opened: set[int] = set()
+
+    def chunks(self, delta: Delta, calls: Sequence[ToolCall] = (), index: int = 0) -> list[dict[str, Any]]:
+        """The chunks for one delta of choice ``index``: text, tool calls, then the finish reason."""
         out = []
-        if delta.text or self._first or delta.logprobs:
+        if delta.text or delta.logprobs or index not in self._opened:
             message: dict[str, Any] = {"content": delta.text}
-            if self._first:
+            if index not in self._opened:
                 message["role"] = "assistant"
-                self._first = False
-            choice = {"index": 0, "delta": message, "finish_reason": None}
+                self._opened.add(index)
+            choice = {"index": index, "delta": message, "finish_reason": None}
             if delta.logprobs:
                 choice["logprobs"] = logprobs_body(delta.logprobs)
             out.append(self._chunk([choice]))
         if calls:  # whole calls, one chunk (the SDK's accumulators take fragments or wholes)
-            tool_calls = [call.body(index) for index, call in enumerate(calls)]
-            out.append(self._chunk([{"index": 0, "delta": {"tool_calls": tool_calls}, "finish_reason": None}]))
+            tool_calls = [call.body(i) for i, call in enumerate(calls)]
+            out.append(self._chunk([{"index": index, "delta": {"tool_calls": tool_calls}, "finish_reason": None}]))
         if delta.finish_reason:
-            out.append(self._chunk([{"index": 0, "delta": {}, "finish_reason": delta.finish_reason}]))
-            if self.include_usage and delta.usage:
-                out.append(self._chunk([], delta.usage))
+            out.append(self._chunk([{"index": index, "delta": {}, "finish_reason": delta.finish_reason}]))
         return out
+
+
+class TextChunkFactory(_Chunks):
+    """``text_completion`` chunks (``/v1/completions`` streams)."""
+
+    __slots__ = ()
+    OBJECT = "text_completion"
+
+    def chunk(
+        self, index: int, text: str, finish_reason: str | None, logprobs: dict[str, Any] | None
+    ) -> dict[str, Any]:
+        return self._chunk([{"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}])
 
 
 def _token(token: bytes, logprob: float) -> dict[str, Any]:
@@ -367,29 +428,51 @@ def logprobs_body(logprobs: Sequence[TokenLogprob]) -> dict[str, Any]:
     }
 
 
-def completion_body(
-    completion_id: str,
-    model: str,
-    final: Delta,
-    logprobs: Sequence[TokenLogprob] | None,
-    calls: Sequence[ToolCall] = (),
+def legacy_logprobs(logprobs: Sequence[TokenLogprob], text_offset: int) -> dict[str, Any]:
+    """Text completions' logprobs: parallel lists, offsets into the choice's text from ``text_offset``."""
+    tokens = [lp.token.decode("utf-8", errors="replace") for lp in logprobs]
+    offsets = []
+    for token in tokens:
+        offsets.append(text_offset)
+        text_offset += len(token)
+    return {
+        "tokens": tokens,
+        "token_logprobs": [max(lp.logprob, -9999.0) for lp in logprobs],
+        "top_logprobs": [{t.decode("utf-8", errors="replace"): max(p, -9999.0) for t, p in lp.top} for lp in logprobs],
+        "text_offset": offsets,
+    }
+
+
+def chat_choice(
+    index: int, final: Delta, logprobs: Sequence[TokenLogprob] | None, calls: Sequence[ToolCall] = ()
 ) -> dict[str, Any]:
-    """One ``chat.completion``: ``final`` holds the whole text, the finish reason and usage."""
-    assert final.finish_reason is not None and final.usage is not None
+    """One choice of a ``chat.completion``: ``final`` holds its whole text and finish reason."""
     message: dict[str, Any] = {"role": "assistant", "content": final.text if final.text or not calls else None}
     if calls:
         message["tool_calls"] = [call.body() for call in calls]
-    choice = {"index": 0, "message": message, "finish_reason": final.finish_reason}
+    choice = {"index": index, "message": message, "finish_reason": final.finish_reason}
     if logprobs is not None:
         choice["logprobs"] = logprobs_body(logprobs)
+    return choice
+
+
+def _body(obj: str, completion_id: str, model: str, choices: list[dict[str, Any]], usage: Usage) -> dict[str, Any]:
     return {
         "id": completion_id,
-        "object": "chat.completion",
+        "object": obj,
         "created": int(time.time()),
         "model": model,
-        "choices": [choice],
-        "usage": usage_body(final.usage),
+        "choices": choices,
+        "usage": usage_body(usage),
     }
+
+
+def completion_body(completion_id: str, model: str, choices: list[dict[str, Any]], usage: Usage) -> dict[str, Any]:
+    return _body("chat.completion", completion_id, model, choices, usage)
+
+
+def text_completion_body(completion_id: str, model: str, choices: list[dict[str, Any]], usage: Usage) -> dict[str, Any]:
+    return _body("text_completion", completion_id, model, choices, usage)
 
 
 def model_card(info: ModelInfo, created: int) -> dict[str, Any]:

@@ -33,7 +33,7 @@ from deployments.errors import (
     as_serve_error,
 )
 from deployments.metrics import router_metrics
-from deployments.protocol import SSE_DONE, ChatCompletionRequest, sse_event
+from deployments.protocol import SSE_DONE, ChatCompletionRequest, CompletionRequest, sse_event
 from deployments.serving import ChatService, new_request_id, parse_request
 
 logger = logging.getLogger("ray.serve")
@@ -97,6 +97,16 @@ async def _sse(first: dict[str, Any], chunks: AsyncIterator[dict[str, Any]]) -> 
         except Exception as exc:  # headers are out: the error travels as the last event
             yield sse_event(as_serve_error(exc).to_body())
         yield SSE_DONE
+
+
+async def _streaming_response(chunks: AsyncIterator[dict[str, Any]]) -> StreamingResponse:
+    """SSE once the first chunk is in: an error before it is still a real status."""
+    try:
+        first = await anext(chunks)
+    except BaseException:
+        await chunks.aclose()
+        raise
+    return StreamingResponse(_sse(first, chunks), media_type="text/event-stream")
 
 
 def _warn_if_open() -> None:
@@ -168,13 +178,16 @@ class Router:
         prepared = await self._service.prepare(body, request_id)
         if not body.stream:
             return JSONResponse(await self._service.complete(prepared, request_id))
-        chunks = self._service.stream(prepared, request_id)
-        try:
-            first = await anext(chunks)
-        except BaseException:
-            await chunks.aclose()
-            raise
-        return StreamingResponse(_sse(first, chunks), media_type="text/event-stream")
+        return await _streaming_response(self._service.stream(prepared, request_id))
+
+    @api.post("/v1/completions", dependencies=[Depends(_authenticate)])
+    async def completions(self, request: Request) -> Any:
+        body = parse_request(await _read_json_body(request, self._max_body_bytes), CompletionRequest)
+        request_id = new_request_id("cmpl")
+        prepared = self._service.prepare_text(body, request_id)
+        if not body.stream:
+            return JSONResponse(await self._service.complete_text(prepared, request_id))
+        return await _streaming_response(self._service.stream_text(prepared, request_id))
 
     # -- Python API (deployment handles), mirroring nika's infer* methods -------------
 

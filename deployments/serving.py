@@ -9,10 +9,10 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import aclosing
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from pydantic import ValidationError
 from ray import serve
@@ -30,6 +30,7 @@ from deployments.engines.base import (
     ModelStatus,
     SamplingParams,
     TokenLogprob,
+    Usage,
 )
 from deployments.errors import (
     InferenceTimeout,
@@ -40,26 +41,44 @@ from deployments.errors import (
 )
 from deployments.images import load_image
 from deployments.metrics import router_metrics
-from deployments.protocol import ChatCompletionRequest, ChunkFactory, completion_body, json_output, model_card
+from deployments.protocol import (
+    ChatCompletionRequest,
+    ChunkFactory,
+    CompletionRequest,
+    GenerationFields,
+    TextChunkFactory,
+    chat_choice,
+    completion_body,
+    json_output,
+    legacy_logprobs,
+    model_card,
+    text_completion_body,
+)
 from deployments.replica import deployment_name
 from deployments.streaming import coalescing_window, with_deadlines
 from deployments.tools import ToolCall, ToolCallFilter, ToolUse
 
 
-def new_request_id() -> str:
+def new_request_id(prefix: str = "chatcmpl") -> str:
     """The completion id: Serve's request id (echoed as ``x-request-id``, in every log line)."""
     context = serve.context._get_serve_request_context()
-    return f"chatcmpl-{context.request_id or uuid.uuid4().hex}"
+    return f"{prefix}-{context.request_id or uuid.uuid4().hex}"
 
 
-def parse_request(raw: bytes | str | Mapping[str, Any] | ChatCompletionRequest) -> ChatCompletionRequest:
+R = TypeVar("R", bound=GenerationFields)
+
+
+def parse_request(
+    raw: bytes | str | Mapping[str, Any] | R,
+    kind: type[R] = ChatCompletionRequest,  # type: ignore[assignment]
+) -> R:
     """Validate a request body; every problem becomes one 400 naming the fields to fix."""
-    if isinstance(raw, ChatCompletionRequest):
+    if isinstance(raw, kind):
         return raw
     try:
         if isinstance(raw, bytes | str):
-            return ChatCompletionRequest.model_validate_json(raw)
-        return ChatCompletionRequest.model_validate(raw)
+            return kind.model_validate_json(raw)
+        return kind.model_validate(raw)
     except ValidationError as exc:
         raise InvalidRequest(_describe_validation_error(exc)) from None
 
@@ -120,14 +139,29 @@ def _cancel(response: DeploymentResponseGenerator) -> None:
 
 
 @dataclass(frozen=True, slots=True)
-class PreparedChat:
-    """A validated request, bound to its model, ready to send."""
+class Prepared:
+    """A validated request bound to its model: one engine request per choice, ``n`` per prompt."""
 
     model: ModelConfig
-    request: GenerationRequest
+    requests: tuple[GenerationRequest, ...]
+    n: int
     deadlines: Deadlines
     include_usage: bool
-    tools: ToolUse | None = None  # its calls are parsed out of the answer
+    tools: ToolUse | None = None  # chat: its calls are parsed out of each answer
+    echo: tuple[str, ...] = ()  # text completions: each prompt, put before its choices' text
+
+    @property
+    def request(self) -> GenerationRequest:
+        return self.requests[0]
+
+    def usage(self, usages: Sequence[Usage | None]) -> Usage:
+        """The request's usage: each prompt counted once (its ``n`` choices share it)."""
+        firsts = [u for u in usages[:: self.n] if u is not None]
+        return Usage(
+            sum(u.prompt_tokens for u in firsts),
+            sum(u.completion_tokens for u in usages if u is not None),
+            sum(u.cached_tokens for u in firsts),
+        )
 
 
 class ChatService:
@@ -142,33 +176,25 @@ class ChatService:
 
     # -- validation --------------------------------------------------------------------
 
-    async def prepare(
-        self, body: ChatCompletionRequest, request_id: str, *, require_images: bool = False
-    ) -> PreparedChat:
-        model = self._models.get(body.model)
+    def _model(self, name: str) -> ModelConfig:
+        model = self._models.get(name)
         if model is None:
-            raise ModelNotFound(f"model {body.model!r} not found; available models: {', '.join(sorted(self._models))}")
-        if (body.has_images or require_images) and not model.supports_vision:
-            vision = sorted(m.name for m in self._config.models if m.supports_vision)
-            raise InvalidRequest(
-                f"model {model.name} does not accept images; "
-                + (f"models that do: {', '.join(vision)}" if vision else "no configured model accepts images"),
-                code="images_not_supported",
-            )
-        if require_images and not body.has_images:
-            raise InvalidRequest("this call needs at least one image (an image_url content part)")
-        if len(body.messages) > self._config.router.max_messages:
-            raise InvalidRequest(f"too many messages: {len(body.messages)} > {self._config.router.max_messages}")
-        max_tokens = body.max_completion_tokens or body.max_tokens or model.sampling.max_tokens
+            raise ModelNotFound(f"model {name!r} not found; available models: {', '.join(sorted(self._models))}")
+        return model
+
+    def _sampling(
+        self, body: GenerationFields, model: ModelConfig, max_tokens: int | None, **options: Any
+    ) -> SamplingParams:
+        """The request's sampling options over the model's defaults."""
+        max_tokens = max_tokens or model.sampling.max_tokens
         if max_tokens >= model.context_size:
             raise InvalidRequest(
                 f"max_tokens={max_tokens} must be below the context size of model {model.name} ({model.context_size})"
             )
-        if body.ignore_eos and body.response_format and body.response_format.type != "text":
-            raise InvalidRequest("ignore_eos cannot be combined with a JSON response_format: the JSON must end")
-        tools = body.tool_use()
-        schema = tools.call_schema() if tools else None  # required and named calls are constrained
-        sampling = SamplingParams(
+        limit = self._config.router.max_choices
+        if body.n > limit:
+            raise InvalidRequest(f"n={body.n} exceeds the limit of {limit} choices per request (router.max_choices)")
+        return SamplingParams(
             temperature=model.sampling.temperature if body.temperature is None else body.temperature,
             top_p=model.sampling.top_p if body.top_p is None else body.top_p,
             top_k=model.sampling.top_k if body.top_k is None else body.top_k,
@@ -181,24 +207,86 @@ class ChatService:
             repetition_penalty=body.repetition_penalty or 1.0,
             min_p=body.min_p or 0.0,
             logit_bias=tuple((body.logit_bias or {}).items()),
+            **options,
+        )
+
+    @staticmethod
+    def _choices(request: GenerationRequest, n: int) -> list[GenerationRequest]:
+        """``n`` choices of one prompt: seeded ones get seeds of their own (else all would agree)."""
+        if n == 1:
+            return [request]
+        seed = request.sampling.seed
+        return [
+            request.model_copy(
+                update={
+                    "request_id": f"{request.request_id}-{i}",
+                    "sampling": request.sampling.model_copy(update={"seed": None if seed is None else seed + i}),
+                }
+            )
+            for i in range(n)
+        ]
+
+    async def prepare(self, body: ChatCompletionRequest, request_id: str, *, require_images: bool = False) -> Prepared:
+        model = self._model(body.model)
+        if (body.has_images or require_images) and not model.supports_vision:
+            vision = sorted(m.name for m in self._config.models if m.supports_vision)
+            raise InvalidRequest(
+                f"model {model.name} does not accept images; "
+                + (f"models that do: {', '.join(vision)}" if vision else "no configured model accepts images"),
+                code="images_not_supported",
+            )
+        if require_images and not body.has_images:
+            raise InvalidRequest("this call needs at least one image (an image_url content part)")
+        if len(body.messages) > self._config.router.max_messages:
+            raise InvalidRequest(f"too many messages: {len(body.messages)} > {self._config.router.max_messages}")
+        if body.ignore_eos and body.response_format and body.response_format.type != "text":
+            raise InvalidRequest("ignore_eos cannot be combined with a JSON response_format: the JSON must end")
+        tools = body.tool_use()
+        schema = tools.call_schema() if tools else None  # required and named calls are constrained
+        sampling = self._sampling(
+            body,
+            model,
+            body.max_completion_tokens or body.max_tokens,
             json_output=JsonOutput(json_schema=schema) if schema is not None else json_output(body.response_format),
             logprobs=body.logprobs_top,
         )
         deadlines = self._deadlines(body, model)
-        return PreparedChat(
-            model=model,
-            request=GenerationRequest(
-                request_id=request_id,
-                messages=tuple(m.engine_message() for m in body.messages),
-                tools=tools.template_tools() if tools else (),
-                images=await self._images(body, model),
-                sampling=sampling,
-                stream_interval_s=coalescing_window(model.stream_interval_s, deadlines),
-            ),
-            deadlines=deadlines,
-            include_usage=bool(body.stream_options and body.stream_options.include_usage),
-            tools=tools,
+        request = GenerationRequest(
+            request_id=request_id,
+            messages=tuple(m.engine_message() for m in body.messages),
+            tools=tools.template_tools() if tools else (),
+            images=await self._images(body, model),
+            sampling=sampling,
+            stream_interval_s=coalescing_window(model.stream_interval_s, deadlines),
         )
+        return Prepared(model, tuple(self._choices(request, body.n)), body.n, deadlines, body.include_usage, tools)
+
+    def prepare_text(self, body: CompletionRequest, request_id: str) -> Prepared:
+        """A text completion: each prompt as it is (no chat template), ``n`` choices each."""
+        model = self._model(body.model)
+        if len(body.prompts) * body.n > self._config.router.max_choices:
+            raise InvalidRequest(
+                f"{len(body.prompts)} prompts x n={body.n} exceed the limit of {self._config.router.max_choices} "
+                "choices per request (router.max_choices)"
+            )
+        sampling = self._sampling(body, model, body.max_tokens, logprobs=body.logprobs)
+        deadlines = self._deadlines(body, model)
+        interval = coalescing_window(model.stream_interval_s, deadlines)
+        requests = [
+            choice
+            for i, prompt in enumerate(body.prompts)
+            for choice in self._choices(
+                GenerationRequest(
+                    request_id=request_id if len(body.prompts) == 1 else f"{request_id}-p{i}",
+                    prompt=prompt,
+                    sampling=sampling,
+                    stream_interval_s=interval,
+                ),
+                body.n,
+            )
+        ]
+        echo = tuple(body.prompts) if body.echo else ()
+        return Prepared(model, tuple(requests), body.n, deadlines, body.include_usage, echo=echo)
 
     async def _images(self, body: ChatCompletionRequest, model: ModelConfig) -> tuple[bytes, ...]:
         """Every image of the request, verified, in message order (1-based index in errors)."""
@@ -218,7 +306,7 @@ class ChatService:
             raise
 
     @staticmethod
-    def _deadlines(body: ChatCompletionRequest, model: ModelConfig) -> Deadlines:
+    def _deadlines(body: GenerationFields, model: ModelConfig) -> Deadlines:
         requested = Deadlines(
             first_chunk_timeout_s=body.first_chunk_timeout_s,
             chunk_timeout_s=body.chunk_timeout_s,
@@ -232,8 +320,8 @@ class ChatService:
 
     # -- generation --------------------------------------------------------------------
 
-    async def deltas(self, prepared: PreparedChat) -> AsyncIterator[Delta]:
-        """The model's deltas under the request's deadlines; cancels the replica on early exit."""
+    async def deltas(self, prepared: Prepared, request: GenerationRequest) -> AsyncIterator[Delta]:
+        """One choice's deltas under the request's deadlines; cancels the replica on early exit."""
         metrics, tags = router_metrics(), {"model": prepared.model.name}
         started = last = time.perf_counter()
         first = True
@@ -241,7 +329,7 @@ class ChatService:
         outcome = "cancelled"  # unless the stream finishes or fails: the consumer went away
         try:
             # Inside the try: a full queue raises BackPressureError right here.
-            response = self._streams[prepared.model.name].generate.remote(prepared.request)
+            response = self._streams[prepared.model.name].generate.remote(request)
             async for delta in with_deadlines(response, prepared.deadlines, on_expire=lambda: _cancel(response)):
                 now = time.perf_counter()
                 (metrics.time_to_first_token if first else metrics.inter_token_latency).observe(now - last, tags)
@@ -268,33 +356,123 @@ class ChatService:
             if response is not None and outcome != "finished":  # stop the engine too
                 _cancel(response)
 
-    async def stream(self, prepared: PreparedChat, completion_id: str) -> AsyncIterator[dict[str, Any]]:
+    async def choices(self, prepared: Prepared) -> AsyncIterator[tuple[int, Delta]]:
+        """Every choice's deltas as they come, tagged with the choice's index; the first
+        failure ends them all (the others are cancelled, in the engine too)."""
+        if len(prepared.requests) == 1:
+            async with aclosing(self.deltas(prepared, prepared.request)) as deltas:
+                async for delta in deltas:
+                    yield 0, delta
+            return
+        queue: asyncio.Queue[tuple[int, Delta | BaseException | None]] = asyncio.Queue()
+
+        async def pump(index: int, request: GenerationRequest) -> None:
+            try:
+                async with aclosing(self.deltas(prepared, request)) as deltas:
+                    async for delta in deltas:
+                        queue.put_nowait((index, delta))
+            except Exception as exc:
+                queue.put_nowait((index, exc))
+            finally:
+                queue.put_nowait((index, None))
+
+        tasks = [asyncio.create_task(pump(i, r)) for i, r in enumerate(prepared.requests)]
+        try:
+            running = len(tasks)
+            while running:
+                index, item = await queue.get()
+                if item is None:
+                    running -= 1
+                elif isinstance(item, BaseException):
+                    raise item
+                else:
+                    yield index, item
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def stream(self, prepared: Prepared, completion_id: str) -> AsyncIterator[dict[str, Any]]:
         """OpenAI ``chat.completion.chunk`` dicts."""
         factory = ChunkFactory(completion_id, prepared.model.name, prepared.include_usage)
-        calls_filter = ToolCallFilter(prepared.tools) if prepared.tools else None
-        async with aclosing(self.deltas(prepared)) as deltas:
-            async for delta in deltas:
+        filters = [ToolCallFilter(prepared.tools) if prepared.tools else None for _ in prepared.requests]
+        usages: list[Usage | None] = [None] * len(prepared.requests)
+        async with aclosing(self.choices(prepared)) as choices:
+            async for index, delta in choices:
                 calls: list[ToolCall] = []
-                if calls_filter is not None:
+                if (calls_filter := filters[index]) is not None:
                     delta, calls = calls_filter.filter(delta)
-                for chunk in factory.chunks(delta, calls):
+                usages[index] = delta.usage or usages[index]
+                for chunk in factory.chunks(delta, calls, index):
                     yield chunk
+        if prepared.include_usage:
+            yield factory.usage_chunk(prepared.usage(usages))
 
-    async def complete(self, prepared: PreparedChat, completion_id: str) -> dict[str, Any]:
+    async def _collect(self, prepared: Prepared) -> list[tuple[Delta, list[TokenLogprob]]]:
+        """Each choice whole: (its text, finish reason and usage as one delta; its logprobs)."""
+        parts: list[list[str]] = [[] for _ in prepared.requests]
+        logprobs: list[list[TokenLogprob]] = [[] for _ in prepared.requests]
+        finals: list[Delta | None] = [None] * len(prepared.requests)
+        async with aclosing(self.choices(prepared)) as choices:
+            async for index, delta in choices:
+                parts[index].append(delta.text)
+                logprobs[index].extend(delta.logprobs)
+                if delta.finish_reason is not None:
+                    finals[index] = delta
+        out = []
+        for text, final, lps in zip(parts, finals, logprobs, strict=True):
+            # The replica ends every stream with its final delta, or raises (Engine.generate's contract).
+            assert final is not None and final.finish_reason is not None and final.usage is not None
+            out.append((Delta("".join(text), final.finish_reason, final.usage), lps))
+        return out
+
+    async def complete(self, prepared: Prepared, completion_id: str) -> dict[str, Any]:
         """One OpenAI ``chat.completion`` dict."""
-        parts: list[str] = []
-        logprobs: list[TokenLogprob] = []
-        last: Delta | None = None
-        async for last in self.deltas(prepared):
-            parts.append(last.text)
-            logprobs.extend(last.logprobs)
-        # The replica ends every stream with its final delta, or raises (Engine.generate's contract).
-        assert last is not None and last.finish_reason is not None and last.usage is not None
-        final, calls = Delta("".join(parts), last.finish_reason, last.usage), []
-        if prepared.tools is not None:
-            final, calls = ToolCallFilter(prepared.tools).filter(final)
         asked = prepared.request.sampling.logprobs is not None
-        return completion_body(completion_id, prepared.model.name, final, logprobs if asked else None, calls)
+        choices, usages = [], []
+        for index, (final, logprobs) in enumerate(await self._collect(prepared)):
+            calls: list[ToolCall] = []
+            if prepared.tools is not None:
+                final, calls = ToolCallFilter(prepared.tools).filter(final)
+            choices.append(chat_choice(index, final, logprobs if asked else None, calls))
+            usages.append(final.usage)
+        return completion_body(completion_id, prepared.model.name, choices, prepared.usage(usages))
+
+    async def stream_text(self, prepared: Prepared, completion_id: str) -> AsyncIterator[dict[str, Any]]:
+        """OpenAI ``text_completion`` chunks (``echo``: each choice's first chunk opens with its prompt)."""
+        factory = TextChunkFactory(completion_id, prepared.model.name, prepared.include_usage)
+        usages: list[Usage | None] = [None] * len(prepared.requests)
+        offsets: list[int | None] = [None] * len(usages)  # where each choice's next text starts
+        async with aclosing(self.choices(prepared)) as choices:
+            async for index, delta in choices:
+                usages[index] = delta.usage or usages[index]
+                text, offset = delta.text, offsets[index]
+                if offset is None:
+                    echo = prepared.echo[index // prepared.n] if prepared.echo else ""
+                    text, offset = echo + text, len(echo)
+                logprobs = legacy_logprobs(delta.logprobs, offset) if delta.logprobs else None
+                offsets[index] = offset + len(delta.text)
+                if text or delta.finish_reason or logprobs:
+                    yield factory.chunk(index, text, delta.finish_reason, logprobs)
+        if prepared.include_usage:
+            yield factory.usage_chunk(prepared.usage(usages))
+
+    async def complete_text(self, prepared: Prepared, completion_id: str) -> dict[str, Any]:
+        """One OpenAI ``text_completion`` dict."""
+        asked = prepared.request.sampling.logprobs is not None
+        choices, usages = [], []
+        for index, (final, logprobs) in enumerate(await self._collect(prepared)):
+            prompt = prepared.echo[index // prepared.n] if prepared.echo else ""
+            choices.append(
+                {
+                    "index": index,
+                    "text": prompt + final.text,
+                    "logprobs": legacy_logprobs(logprobs, 0) if asked else None,
+                    "finish_reason": final.finish_reason,
+                }
+            )
+            usages.append(final.usage)
+        return text_completion_body(completion_id, prepared.model.name, choices, prepared.usage(usages))
 
     # -- models ------------------------------------------------------------------------
 

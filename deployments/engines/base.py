@@ -73,8 +73,9 @@ class GenerationRequest(BaseModel):
 
     request_id: str
     messages: tuple[dict[str, Any], ...] = Field(
-        description="Chat messages: string content, or parts {type: text, text} / {type: image} in order."
+        default=(), description="Chat messages: string content, or parts {type: text, text} / {type: image} in order."
     )
+    prompt: str | None = Field(default=None, description="Raw text instead of messages (text completions).")
     images: tuple[bytes, ...] = Field(default=(), description="Verified image bytes, one per image part, in order.")
     tools: tuple[dict[str, Any], ...] = Field(default=(), description="OpenAI tool specs, for the chat template.")
     sampling: SamplingParams

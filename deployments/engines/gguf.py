@@ -180,12 +180,16 @@ class LlamaCppEngine(Engine):
     # -- generation --------------------------------------------------------------------
 
     def _prompt_tokens(self, request: GenerationRequest) -> list[int]:
-        messages, tools = template_input(request.messages, request.tools, self._formatter.template)
-        try:
-            prompt = self._formatter(messages=messages, tools=tools)
-        except Exception as exc:  # the template's raise_exception, or a Jinja error on these messages
-            raise InvalidRequest(f"the messages do not fit the model's chat template: {exc}") from None
-        tokens = self._model.tokenize(prompt.prompt.encode(), add_bos=not prompt.added_special, special=True)
+        if request.prompt is not None:  # a text completion: the text as it is, after BOS
+            text, add_bos = request.prompt, True
+        else:
+            messages, tools = template_input(request.messages, request.tools, self._formatter.template)
+            try:
+                prompt = self._formatter(messages=messages, tools=tools)
+            except Exception as exc:  # the template's raise_exception, or a Jinja error on these messages
+                raise InvalidRequest(f"the messages do not fit the model's chat template: {exc}") from None
+            text, add_bos = prompt.prompt, not prompt.added_special
+        tokens = self._model.tokenize(text.encode(), add_bos=add_bos, special=True)
         max_tokens = request.sampling.max_tokens
         if not tokens or len(tokens) + max_tokens > self.config.context_size:
             raise InvalidRequest(

@@ -205,14 +205,34 @@ class Scheduler:
             # again, for the logits of the first sampled token.
             slot = max(free, key=lambda s: (common_prefix(s.tokens, seq.prompt), -s.last_used))
             reuse = min(common_prefix(slot.tokens, seq.prompt), len(seq.prompt) - 1)
-            if not self._fits(seq, slot, reuse):
+            donor, shared = self._donor(seq)
+            if donor is not None and shared > reuse and len(donor.tokens) < shared:
+                if shared - reuse >= len(seq.prompt) // 2:
+                    return  # mostly the prompt of a sequence still prefilling (n choices): wait for its cells
+                shared = len(donor.tokens)
+            if not self._fits(seq, slot, max(reuse, shared)):
                 return  # it waits for running sequences to finish
             self._waiting.popleft()
+            if donor is not None and shared > reuse:  # share a running sequence's cells, computed once
+                self._trim(slot, 0)
+                self._llama.llama_memory_seq_cp(self._memory, donor.seq_id, slot.seq_id, 0, shared)
+                slot.tokens = donor.tokens[:shared]
+                reuse = shared
             self._trim(slot, reuse)
             seq.prefilled = seq.cached = reuse
             slot.seq = seq
             self.stats.prefix_cache_queries += len(seq.prompt)
             self.stats.prefix_cache_hits += reuse
+
+    def _donor(self, seq: Sequence) -> tuple[Slot | None, int]:
+        """The running slot whose prompt shares the longest prefix with ``seq``'s, and its length."""
+        best, shared = None, 0
+        for slot in self._slots:
+            if slot.seq is not None:
+                n = min(common_prefix(slot.seq.prompt, seq.prompt), len(seq.prompt) - 1)
+                if n > shared:
+                    best, shared = slot, n
+        return best, shared
 
     def _committed(self) -> int:
         """KV cells held by caches plus the most that running sequences may still take."""

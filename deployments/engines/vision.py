@@ -191,6 +191,8 @@ class VLLMEngine(Engine):
     # -- generation --------------------------------------------------------------------
 
     def _prompt(self, request: GenerationRequest) -> dict[str, Any]:
+        if request.prompt is not None:  # a text completion: the text as it is
+            return {"prompt": request.prompt}
         try:
             messages, tools = template_input(request.messages, request.tools, self._tokenizer.chat_template or "")
             text = self._tokenizer.apply_chat_template(

@@ -5,7 +5,7 @@ import pytest
 from deployments.engines.base import Delta, JsonOutput, TokenLogprob, Usage
 from deployments.engines.llama_sampling import json_grammar
 from deployments.errors import InvalidRequest
-from deployments.protocol import ChatCompletionRequest, ChunkFactory, completion_body, json_output, sse_event
+from deployments.protocol import ChatCompletionRequest, ChunkFactory, chat_choice, json_output, sse_event
 from deployments.serving import parse_request
 
 
@@ -15,6 +15,7 @@ def test_chunks_carry_the_role_first_the_finish_reason_then_usage() -> None:
         factory.chunks(Delta("Hel"))
         + factory.chunks(Delta("lo"))
         + factory.chunks(Delta("", finish_reason="stop", usage=Usage(3, 2, cached_tokens=1)))
+        + [factory.usage_chunk(Usage(3, 2, cached_tokens=1))]
     )
     assert [c["choices"][0]["delta"] if c["choices"] else None for c in chunks] == [
         {"content": "Hel", "role": "assistant"},
@@ -122,7 +123,7 @@ def test_logprobs_in_chunks_and_whole_answers_take_openais_shape() -> None:
         {"token": "a", "logprob": -0.5, "bytes": [97]}]}  # fmt: skip
     assert chunk["choices"][0]["logprobs"] == {"content": [expected]}
     final = Delta("", "stop", Usage(1, 1))
-    assert completion_body("id", "m", final, [token])["choices"][0]["logprobs"] == {"content": [expected]}
-    assert "logprobs" not in completion_body("id", "m", final, None)["choices"][0]
+    assert chat_choice(0, final, [token])["logprobs"] == {"content": [expected]}
+    assert "logprobs" not in chat_choice(0, final, None)
     assert parse_request(BASE | {"logprobs": True}).logprobs_top == 0
     assert parse_request(BASE).logprobs_top is None

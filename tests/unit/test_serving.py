@@ -12,6 +12,7 @@ import pytest
 from deployments.config import AppConfig
 from deployments.engines.base import Delta, ModelFacts, ModelInfo, ModelStatus, Usage
 from deployments.errors import InferenceTimeout, InternalError, InvalidRequest, ModelNotFound, Overloaded
+from deployments.protocol import CompletionRequest
 from deployments.serving import ChatService, parse_request
 from tests.fakes import fake_gguf
 
@@ -181,3 +182,55 @@ def test_model_cards_merge_replicas_and_show_a_mixed_state(service: ChatService,
     ]
     (card,) = asyncio.run(service.list_models())
     assert (card["status"], card["replicas"], card["error"]) == ("mixed", {"loaded": 1, "failed": 1}, "bad weights")
+
+
+def test_n_choices_are_separate_engine_requests_with_seeds_of_their_own(
+    service: ChatService, handle: FakeHandle
+) -> None:
+    completion = asyncio.run(service.complete(asyncio.run(service.prepare(body(n=3, seed=7), "id")), "id"))
+    assert [r.sampling.seed for r in handle.requests] == [7, 8, 9]
+    assert len({r.request_id for r in handle.requests}) == 3
+    assert [c["index"] for c in completion["choices"]] == [0, 1, 2]
+    assert completion["usage"] == {  # the prompt once, every choice's tokens
+        "prompt_tokens": 1, "completion_tokens": 3, "total_tokens": 4, "prompt_tokens_details": {"cached_tokens": 0}
+    }  # fmt: skip
+    chunks = asyncio.run(collect(service, n=2, stream_options={"include_usage": True}))
+    opening = [c["choices"][0]["index"] for c in chunks if c["choices"] and "role" in c["choices"][0]["delta"]]
+    assert sorted(opening) == [0, 1]
+    assert chunks[-1]["usage"]["completion_tokens"] == 2
+    with pytest.raises(InvalidRequest, match=r"router\.max_choices"):
+        asyncio.run(service.prepare(body(n=9), "id"))
+
+
+def test_one_failed_choice_fails_the_request_and_cancels_the_others(service: ChatService, handle: FakeHandle) -> None:
+    handle.script = {"deltas": [Delta("a")], "gap_s": 0.01, "fail": InvalidRequest("no")}
+    with pytest.raises(InvalidRequest):
+        asyncio.run(collect(service, n=2))
+    assert handle.response is not None and handle.response.cancelled
+
+
+def text(**fields: Any) -> Any:
+    return parse_request({"model": "m", "prompt": "Once", **fields}, CompletionRequest)
+
+
+def test_text_completions_choices_per_prompt_and_echo(service: ChatService, handle: FakeHandle) -> None:
+    prepared = service.prepare_text(text(prompt=["A", "B"], n=2, echo=True), "cmpl-1")
+    assert [r.prompt for r in prepared.requests] == ["A", "A", "B", "B"]
+    assert all(r.messages == () for r in prepared.requests)
+    assert prepared.request.sampling.max_tokens == 16  # OpenAI's default for text completions
+    completion = asyncio.run(service.complete_text(prepared, "cmpl-1"))
+    assert completion["object"] == "text_completion"
+    assert [c["text"] for c in completion["choices"]] == ["Ahi", "Ahi", "Bhi", "Bhi"]
+    assert completion["usage"]["prompt_tokens"] == 2  # two prompts, each once
+
+    async def chunks() -> list[dict[str, Any]]:
+        prepared = service.prepare_text(text(echo=True, stream=True), "cmpl-2")
+        return [chunk async for chunk in service.stream_text(prepared, "cmpl-2")]
+
+    streamed = asyncio.run(chunks())
+    assert [(c["choices"][0]["text"], c["choices"][0]["finish_reason"]) for c in streamed] == [
+        ("Oncehi", None),
+        ("", "stop"),
+    ]
+    with pytest.raises(InvalidRequest, match=r"router\.max_choices"):
+        service.prepare_text(text(prompt=["a"] * 5, n=2), "id")
