@@ -14,6 +14,9 @@ from deployments.engines.base import JsonOutput, SamplingParams
 from deployments.errors import InvalidRequest
 
 ANY_OBJECT: dict[str, Any] = {"type": "object"}  # response_format json_object
+# The converter's string character admits control characters, which JSON forbids unescaped;
+# llama.cpp's own converter excludes them the same way.
+_ANY_CHAR, _JSON_CHAR = r'char ::= [^"\\]', r'char ::= [^"\\\x7F\x00-\x1F]'
 
 
 def json_grammar(output: JsonOutput) -> str:
@@ -22,12 +25,13 @@ def json_grammar(output: JsonOutput) -> str:
     from llama_cpp.llama_grammar import json_schema_to_gbnf
 
     try:
-        return json_schema_to_gbnf(json.dumps(output.json_schema or ANY_OBJECT))
+        grammar = json_schema_to_gbnf(json.dumps(output.json_schema or ANY_OBJECT))
     except Exception as exc:  # the converter signals what it cannot express with asserts and errors
         why = str(exc) or type(exc).__name__
         raise InvalidRequest(
             f"response_format: the JSON schema uses a feature llama.cpp's grammar cannot express ({why})"
         ) from None
+    return grammar.replace(_ANY_CHAR, _JSON_CHAR)
 
 
 class Samplers:

@@ -127,3 +127,9 @@ def test_logprobs_in_chunks_and_whole_answers_take_openais_shape() -> None:
     assert "logprobs" not in chat_choice(0, final, None)
     assert parse_request(BASE | {"logprobs": True}).logprobs_top == 0
     assert parse_request(BASE).logprobs_top is None
+
+
+def test_json_strings_exclude_control_characters() -> None:
+    """JSON forbids raw control characters in strings; the converter's grammar allowed them."""
+    (char,) = [line for line in json_grammar(JsonOutput()).splitlines() if line.startswith("char ::=")]
+    assert char.startswith(r'char ::= [^"\\\x7F\x00-\x1F]')
