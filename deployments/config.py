@@ -171,6 +171,11 @@ class ModelConfigBase(StrictModel):
     deadlines: DeadlinePolicy = DeadlinePolicy()
     deployment: DeploymentOptions = DeploymentOptions()
 
+    @property
+    def serves_embeddings(self) -> bool:
+        """Whether the model answers POST /v1/embeddings (and nothing else)."""
+        return False
+
 
 class GGUFModelConfig(ModelConfigBase):
     """A text model in a local GGUF file, served by llama.cpp."""
@@ -198,6 +203,17 @@ class GGUFModelConfig(ModelConfigBase):
         description="KV-cache cells shared by all sequences of a replica (default: context_size x parallel); "
         "finished sequences keep theirs as a prefix cache until new requests need them.",
     )
+    embeddings: bool = Field(
+        default=False,
+        description="Serve POST /v1/embeddings (one pooled vector per input) instead of chat and completions.",
+    )
+    pooling: Literal["mean", "cls", "last"] = Field(
+        default="mean", description="How an input's token vectors become one (embeddings models)."
+    )
+
+    @property
+    def serves_embeddings(self) -> bool:
+        return self.embeddings
 
     @field_validator("parallel")
     @classmethod

@@ -16,9 +16,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
+import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from deployments.config import ModelConfig
+from deployments.errors import InvalidRequest
 
 
 class ModelStatus(enum.StrEnum):
@@ -93,6 +95,14 @@ class Usage:
     @property
     def total_tokens(self) -> int:
         return self.prompt_tokens + self.completion_tokens
+
+
+@dataclass(frozen=True, slots=True)
+class Embeddings:
+    """Vectors of one embeddings request, one row per input, and the tokens they took."""
+
+    vectors: np.ndarray  # float32, (inputs, dimensions), L2-normalized
+    prompt_tokens: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -254,6 +264,12 @@ class Engine(abc.ABC):
     @abc.abstractmethod
     async def layer_types(self) -> dict[str, int]:
         """How the loaded weights are stored: type or method name -> count of tensors/layers."""
+
+    async def embed(self, inputs: list[str | list[int]]) -> Embeddings:
+        """One normalized vector per input (text or token ids); engines that embed override it."""
+        raise InvalidRequest(
+            f"model {self.config.name} is not configured for embeddings", code="embeddings_not_supported"
+        )
 
     @abc.abstractmethod
     def generate(self, request: GenerationRequest) -> AsyncIterator[Delta]:

@@ -20,7 +20,8 @@ from typing import Any
 import gguf
 
 from deployments.config import GGUFModelConfig
-from deployments.engines.base import Delta, Engine, GenerationRequest, ModelFacts
+from deployments.engines.base import Delta, Embeddings, Engine, GenerationRequest, ModelFacts
+from deployments.engines.llama_embedding import POOLING, SEQUENCES_PER_BATCH, Embedder
 from deployments.engines.llama_scheduler import END, Scheduler, Sequence
 from deployments.errors import InvalidRequest, ModelLoadFailed, ModelNotLoaded
 from deployments.quantization import resolve_gguf_quantization
@@ -97,6 +98,7 @@ class LlamaCppEngine(Engine):
         self._context: Any = None  # llama_cpp._internals.LlamaContext
         self._formatter: Any = None
         self._scheduler: Scheduler | None = None
+        self._embedder: Embedder | None = None  # instead of the scheduler: config.embeddings
         self._active = 0
 
     # -- lifecycle ---------------------------------------------------------------------
@@ -119,7 +121,7 @@ class LlamaCppEngine(Engine):
         except ValueError as exc:  # llama-cpp-python's only signal for a file it cannot load
             raise ModelLoadFailed(f"failed to load {cfg.path.name}: {exc}") from exc
         template = model.metadata().get("tokenizer.chat_template")
-        if template is None:
+        if template is None and not cfg.embeddings:
             model.close()
             raise ModelLoadFailed(f"{cfg.path.name} has no tokenizer.chat_template")
         # Prompt processing too: llama.cpp's default there is every core of the node, which
@@ -127,22 +129,31 @@ class LlamaCppEngine(Engine):
         # then stall (measured: 2 replicas on 2 cores ran no faster than 1).
         threads = cfg.n_threads or _assigned_cpus()
         params = llama_cpp.llama_context_default_params()
-        params.n_ctx = cfg.kv_cache_tokens
-        params.n_batch = params.n_ubatch = cfg.batch_tokens
-        params.n_seq_max = cfg.parallel
         params.n_threads = params.n_threads_batch = threads
         params.kv_unified = True  # one pool: any sequence may use any cell, up to context_size
+        if cfg.embeddings:  # inputs of up to context_size tokens, several per batch
+            params.n_ctx = params.n_batch = params.n_ubatch = cfg.context_size
+            params.n_seq_max = SEQUENCES_PER_BATCH
+            params.embeddings = True
+            params.pooling_type = POOLING[cfg.pooling]
+        else:
+            params.n_ctx = cfg.kv_cache_tokens
+            params.n_batch = params.n_ubatch = cfg.batch_tokens
+            params.n_seq_max = cfg.parallel
         try:
             context = LlamaContext(model=model, params=params, verbose=False)
         except ValueError as exc:
             model.close()
             raise ModelLoadFailed(f"llama.cpp could not create a context for {cfg.path.name}: {exc}") from exc
+        self._model, self._context = model, context
+        if cfg.embeddings:
+            self._embedder = Embedder(llama_cpp, context.ctx, model.model, cfg.context_size)
+            return
         self._formatter = Jinja2ChatFormatter(
             template=template,
             bos_token=model.token_get_text(model.token_bos()),
             eos_token=model.token_get_text(model.token_eos()),
         )
-        self._model, self._context = model, context
         self._scheduler = Scheduler(
             llama_cpp,
             context.ctx,
@@ -156,6 +167,9 @@ class LlamaCppEngine(Engine):
         scheduler, self._scheduler = self._scheduler, None
         if scheduler is not None:  # running streams end without a final delta: the replica says why
             await asyncio.to_thread(scheduler.stop)
+        if self._embedder is not None:
+            self._embedder.close()
+            self._embedder = None
         if self._context is not None:
             self._context.close()
             self._model.close()
@@ -227,3 +241,34 @@ class LlamaCppEngine(Engine):
                 scheduler.cancel(seq)
             self._active -= 1
             self._generation_ended()
+
+    # -- embeddings --------------------------------------------------------------------
+
+    async def embed(self, inputs: list[str | list[int]]) -> Embeddings:
+        embedder = self._embedder
+        if embedder is None:
+            return await super().embed(inputs)
+        tokens = [self._input_tokens(i, item) for i, item in enumerate(inputs)]
+        self._active += 1
+        try:
+            vectors = await asyncio.to_thread(embedder.embed, tokens)
+        finally:
+            self._active -= 1
+            self._generation_ended()
+        return Embeddings(vectors, sum(len(t) for t in tokens))
+
+    def _input_tokens(self, index: int, item: str | list[int]) -> list[int]:
+        if isinstance(item, str):
+            tokens = self._model.tokenize(item.encode(), add_bos=True, special=False)
+        else:
+            n_vocab = self._model.n_vocab()
+            if any(not 0 <= t < n_vocab for t in item):
+                raise InvalidRequest(f"input {index}: token ids must be in the vocabulary (0..{n_vocab - 1})")
+            tokens = list(item)
+        if not tokens or len(tokens) > self.config.context_size:
+            raise InvalidRequest(
+                f"input {index} has {len(tokens)} tokens; model {self.config.name} embeds 1 to "
+                f"{self.config.context_size} tokens per input",
+                code="context_length_exceeded",
+            )
+        return tokens

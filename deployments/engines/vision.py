@@ -246,6 +246,7 @@ class VLLMEngine(Engine):
     async def generate(self, request: GenerationRequest) -> AsyncIterator[Delta]:
         if self._engine is None:
             raise ModelNotLoaded(f"model {self.config.name} is not loaded")
+        from vllm.exceptions import VLLMClientError
         from vllm.v1.engine.exceptions import EngineDeadError, EngineGenerateError
 
         prompt, sampling = self._prompt(request), self._sampling(request)
@@ -267,8 +268,8 @@ class VLLMEngine(Engine):
                     if output.finished and completion.finish_reason != "abort":  # abort: ended by unload
                         usage = Usage(prompt_tokens, completion_tokens)
                         yield Delta("", finish_reason=completion.finish_reason or "stop", usage=usage)
-        except ValueError as exc:
-            if accepted:  # vLLM validates a request (prompt length, ...) before its first output
+        except (ValueError, VLLMClientError) as exc:
+            if accepted:  # vLLM validates a request (prompt length, logit bias, ...) before its first output
                 raise
             raise InvalidRequest(f"model {self.config.name} rejected the request: {exc}") from None
         except (EngineGenerateError, EngineDeadError) as exc:
