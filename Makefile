@@ -19,7 +19,8 @@ LLAMA_WHEEL := $(LLAMA_WHEEL_DIR)/.built
 # llama-cpp-python sdist, with the same flags, so both sides run the same kernels.
 LLAMA_SERVER := $(CACHE_DIR)/llama-server-$(LLAMA_BUILD_ID)/bin/llama-server
 INSTALLED := $(VENV)/.installed
-DEMO_MODELS := models/tiny-llama-Q4_K_M.gguf models/medium-llama-Q4_K_M.gguf models/tiny-idefics3/config.json
+DEMO_MODELS := models/tiny-llama-Q4_K_M.gguf models/medium-llama-Q4_K_M.gguf models/tiny-embed-Q8_0.gguf \
+	models/tiny-idefics3/config.json
 
 # vLLM: the CUDA build where a GPU is present, else the CPU build. PyPI's torchvision,
 # torchaudio and torchcodec wheels (vLLM dependencies) are CUDA builds whose native

@@ -63,6 +63,7 @@ DEFAULT_MAX_CHOICES = 8  # each one is a sequence in an engine
 MAX_STOP_SEQUENCES = 4  # OpenAI's limit
 MAX_TOP_LOGPROBS = 20  # OpenAI's limit
 MAX_COMPLETION_LOGPROBS = 5  # OpenAI's limit for /v1/completions
+MAX_EMBEDDING_INPUTS = 2048  # OpenAI's limit per /v1/embeddings call
 
 # Vision.
 DEFAULT_KV_CACHE_BYTES = 256 * 2**20

@@ -24,7 +24,7 @@ from pydantic import TypeAdapter
 from deployments import constants as C
 from deployments.config import ModelConfig
 from deployments.engines import engine_class, engine_env, engine_for
-from deployments.engines.base import Delta, Engine, GenerationRequest, ModelInfo, ModelStatus
+from deployments.engines.base import Delta, Embeddings, Engine, GenerationRequest, ModelInfo, ModelStatus
 from deployments.errors import InferenceFailed, ModelLoadFailed, ModelNotLoaded, ServeError
 from deployments.metrics import replica_metrics
 from deployments.streaming import coalesce
@@ -149,6 +149,19 @@ class ModelReplica:
                 raise self._interrupted()
         finally:
             self._in_flight -= 1
+            self._report_load()
+
+    async def embed(self, inputs: list[str | list[int]]) -> Embeddings:
+        """One vector per input (models configured for embeddings)."""
+        if self._status is not ModelStatus.LOADED:
+            raise ModelNotLoaded(f"model {self._config.name} is not loaded")
+        self._in_flight += 1
+        self._report_load()
+        try:
+            return await self._engine.embed(inputs)
+        finally:
+            self._in_flight -= 1
+            self._last_progress = time.monotonic()
             self._report_load()
 
     def _interrupted(self) -> ServeError:

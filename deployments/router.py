@@ -33,7 +33,7 @@ from deployments.errors import (
     as_serve_error,
 )
 from deployments.metrics import router_metrics
-from deployments.protocol import SSE_DONE, ChatCompletionRequest, CompletionRequest, sse_event
+from deployments.protocol import SSE_DONE, ChatCompletionRequest, CompletionRequest, EmbeddingRequest, sse_event
 from deployments.serving import ChatService, new_request_id, parse_request
 
 logger = logging.getLogger("ray.serve")
@@ -188,6 +188,11 @@ class Router:
         if not body.stream:
             return JSONResponse(await self._service.complete_text(prepared, request_id))
         return await _streaming_response(self._service.stream_text(prepared, request_id))
+
+    @api.post("/v1/embeddings", dependencies=[Depends(_authenticate)])
+    async def embeddings(self, request: Request) -> dict[str, Any]:
+        body = parse_request(await _read_json_body(request, self._max_body_bytes), EmbeddingRequest)
+        return await self._service.embed(body)
 
     # -- Python API (deployment handles), mirroring nika's infer* methods -------------
 

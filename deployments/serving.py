@@ -45,10 +45,12 @@ from deployments.protocol import (
     ChatCompletionRequest,
     ChunkFactory,
     CompletionRequest,
+    EmbeddingRequest,
     GenerationFields,
     TextChunkFactory,
     chat_choice,
     completion_body,
+    embeddings_body,
     json_output,
     legacy_logprobs,
     model_card,
@@ -65,7 +67,7 @@ def new_request_id(prefix: str = "chatcmpl") -> str:
     return f"{prefix}-{context.request_id or uuid.uuid4().hex}"
 
 
-R = TypeVar("R", bound=GenerationFields)
+R = TypeVar("R", bound=GenerationFields | EmbeddingRequest)
 
 
 def parse_request(
@@ -176,10 +178,19 @@ class ChatService:
 
     # -- validation --------------------------------------------------------------------
 
-    def _model(self, name: str) -> ModelConfig:
+    def _model(self, name: str, embeddings: bool = False) -> ModelConfig:
+        """The model called ``name``, if it serves this kind of call (embeddings, or text)."""
         model = self._models.get(name)
         if model is None:
             raise ModelNotFound(f"model {name!r} not found; available models: {', '.join(sorted(self._models))}")
+        if model.serves_embeddings != embeddings:
+            others = sorted(m.name for m in self._config.models if m.serves_embeddings == embeddings)
+            what = "POST /v1/embeddings" if embeddings else "chat and text completions"
+            raise InvalidRequest(
+                f"model {name} does not serve {what}; "
+                + (f"models that do: {', '.join(others)}" if others else "no configured model does"),
+                code="embeddings_not_supported" if embeddings else "model_serves_embeddings",
+            )
         return model
 
     def _sampling(
@@ -306,10 +317,10 @@ class ChatService:
             raise
 
     @staticmethod
-    def _deadlines(body: GenerationFields, model: ModelConfig) -> Deadlines:
+    def _deadlines(body: GenerationFields | EmbeddingRequest, model: ModelConfig) -> Deadlines:
         requested = Deadlines(
-            first_chunk_timeout_s=body.first_chunk_timeout_s,
-            chunk_timeout_s=body.chunk_timeout_s,
+            first_chunk_timeout_s=getattr(body, "first_chunk_timeout_s", None),
+            chunk_timeout_s=getattr(body, "chunk_timeout_s", None),
             request_timeout_s=body.request_timeout_s,
         )
         for name, value in requested.model_dump(exclude_none=True).items():
@@ -473,6 +484,22 @@ class ChatService:
             )
             usages.append(final.usage)
         return text_completion_body(completion_id, prepared.model.name, choices, prepared.usage(usages))
+
+    async def embed(self, body: EmbeddingRequest) -> dict[str, Any]:
+        """One OpenAI embeddings list, within the request's deadline."""
+        model = self._model(body.model, embeddings=True)
+        deadline = self._deadlines(body, model).request_timeout_s
+        response = self._handles[model.name].embed.remote(body.inputs)
+        try:
+            embeddings = await asyncio.wait_for(response, deadline)
+        except TimeoutError:
+            _cancel(response)
+            raise InferenceTimeout(f"no embeddings within request_timeout_s={deadline:g}") from None
+        except ServeError:
+            raise
+        except Exception as exc:
+            raise as_serve_error(exc) from exc
+        return embeddings_body(model.name, embeddings, body.encoding_format)
 
     # -- models ------------------------------------------------------------------------
 

@@ -56,7 +56,9 @@ class LlamaSpec:
 TINY = LlamaSpec("tiny-llama", 512, 256, 2, 4, 2, 512, 2048, seed=1)
 #: Tens of millions of parameters, tens of ms per token on 2 cores; for deadlines and benchmarks.
 MEDIUM = LlamaSpec("medium-llama", 8192, 1024, 12, 16, 4, 2816, 4096, seed=2)
-SPECS = {spec.name: spec for spec in (TINY, MEDIUM)}
+#: The default config's embeddings model (the same shape as TINY, other weights; mean pooling).
+TINY_EMBED = LlamaSpec("tiny-embed", 512, 256, 2, 4, 2, 512, 2048, seed=3)
+SPECS = {spec.name: spec for spec in (TINY, MEDIUM, TINY_EMBED)}
 
 
 def _vocabulary(size: int, rng: np.random.Generator) -> tuple[list[str], list[float], list[int]]:

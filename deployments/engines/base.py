@@ -156,6 +156,7 @@ class ModelInfo(BaseModel):
     quantization: str | None
     context_length: int
     supports_vision: bool
+    embeddings: bool = Field(default=False, description="Serves POST /v1/embeddings (and nothing else).")
     status: ModelStatus
     replicas: dict[ModelStatus, int] = Field(
         default_factory=dict, description="Replicas by status, as the router merged their reports."
@@ -181,6 +182,7 @@ class ModelInfo(BaseModel):
             quantization=facts.quantization,
             context_length=config.context_size,
             supports_vision=config.supports_vision,
+            embeddings=config.serves_embeddings,
             status=status,
             **state,
         )

@@ -27,8 +27,8 @@ def e2e_config(
     models_dir: Path, tiny: dict[str, Any] | None = None, medium: dict[str, Any] | None = None, vision: bool = True
 ) -> AppConfig:
     """The test app: ``tiny`` (milliseconds per token), ``medium`` (~10 ms per token, for
-    deadlines and cancellation), and, unless ``vision=False``, the demo VLM as ``vision`` and
-    again with in-situ FP8 quantization as ``vision-fp8``.
+    deadlines and cancellation), ``embed`` (embeddings), and, unless ``vision=False``, the demo
+    VLM as ``vision`` and again with in-situ FP8 quantization as ``vision-fp8``.
 
     ``tiny`` and ``medium`` override top-level keys of that model's entry.
     """
@@ -38,7 +38,9 @@ def e2e_config(
         | (tiny or {}),
         {"name": "medium", "kind": "gguf", "path": str(models_dir / "medium-llama-Q4_K_M.gguf"), "deployment": one_cpu}
         | (medium or {}),
-    ]
+        {"name": "embed", "kind": "gguf", "path": str(models_dir / "tiny-embed-Q8_0.gguf"), "embeddings": True,
+         "context_size": 256, "deployment": {"num_replicas": 1, "ray_actor_options": {"num_cpus": 0.5}}},
+    ]  # fmt: skip
     vlm = {
         "kind": "vision",
         "path": str(models_dir / "tiny-idefics3"),

@@ -25,7 +25,8 @@ def error_text(args: dict[str, Any]) -> str:
 
 def test_the_shipped_serve_config_validates(models_dir: Path) -> None:
     apps = validate_serve_config(ROOT / "serve_config.yaml")
-    assert [m.kind for m in apps["nika"].models] == ["gguf", "vision"]
+    models = apps["nika"].models
+    assert [(m.kind, m.serves_embeddings) for m in models] == [("gguf", False), ("gguf", True), ("vision", False)]
 
 
 def test_missing_model_file(models_dir: Path) -> None:

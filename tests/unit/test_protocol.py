@@ -2,10 +2,18 @@ import json
 
 import pytest
 
-from deployments.engines.base import Delta, JsonOutput, TokenLogprob, Usage
+from deployments.engines.base import Delta, Embeddings, JsonOutput, TokenLogprob, Usage
 from deployments.engines.llama_sampling import json_grammar
 from deployments.errors import InvalidRequest
-from deployments.protocol import ChatCompletionRequest, ChunkFactory, chat_choice, json_output, sse_event
+from deployments.protocol import (
+    ChatCompletionRequest,
+    ChunkFactory,
+    EmbeddingRequest,
+    chat_choice,
+    embeddings_body,
+    json_output,
+    sse_event,
+)
 from deployments.serving import parse_request
 
 
@@ -133,3 +141,26 @@ def test_json_strings_exclude_control_characters() -> None:
     """JSON forbids raw control characters in strings; the converter's grammar allowed them."""
     (char,) = [line for line in json_grammar(JsonOutput()).splitlines() if line.startswith("char ::=")]
     assert char.startswith(r'char ::= [^"\\\x7F\x00-\x1F]')
+
+
+def test_embedding_inputs_and_bodies() -> None:
+    import base64
+
+    import numpy as np
+
+    def inputs(value: object) -> list:
+        return parse_request({"model": "e", "input": value}, EmbeddingRequest).inputs
+
+    assert inputs("a") == ["a"]
+    assert inputs(["a", "b"]) == ["a", "b"]
+    assert inputs([1, 2]) == [[1, 2]]
+    assert inputs([[1], [2, 3]]) == [[1], [2, 3]]
+    for bad, says in [([], "input"), ({"x": 1}, "input")]:
+        with pytest.raises(InvalidRequest, match=says):
+            inputs(bad)
+    vectors = np.array([[0.6, 0.8]], dtype=np.float32)
+    body = embeddings_body("e", Embeddings(vectors, 3), "float")
+    assert body["data"] == [{"object": "embedding", "index": 0, "embedding": pytest.approx([0.6, 0.8])}]
+    assert body["usage"] == {"prompt_tokens": 3, "total_tokens": 3}
+    encoded = embeddings_body("e", Embeddings(vectors, 3), "base64")["data"][0]["embedding"]
+    assert np.frombuffer(base64.b64decode(encoded), dtype="<f4").tolist() == pytest.approx([0.6, 0.8])
