@@ -10,7 +10,15 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-from benchmarks import batched_serving, cancellation, deadline_accuracy, gguf_serving, overhead, vision_serving
+from benchmarks import (
+    batched_serving,
+    cancellation,
+    deadline_accuracy,
+    gguf_serving,
+    overhead,
+    structured_output,
+    vision_serving,
+)
 from benchmarks.context import BenchContext
 from benchmarks.machine import describe
 from benchmarks.plots import plot
@@ -18,7 +26,16 @@ from benchmarks.systems import OurStack
 
 # `make bench` runs them in this order.
 COMPARISONS = {
-    m.NAME: m for m in (overhead, gguf_serving, batched_serving, vision_serving, deadline_accuracy, cancellation)
+    m.NAME: m
+    for m in (
+        overhead,
+        gguf_serving,
+        batched_serving,
+        structured_output,
+        vision_serving,
+        deadline_accuracy,
+        cancellation,
+    )
 }
 ROOT = Path(__file__).resolve().parent.parent
 

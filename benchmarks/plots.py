@@ -113,6 +113,7 @@ PLOTS = {
     "overhead": (overhead, 2),
     "gguf_serving": (_sweep, 3),
     "batched_serving": (batched_serving, 4),
+    "structured_output": (_sweep, 3),
     "vision_serving": (_sweep, 3),
     "deadline_accuracy": (deadline_accuracy, 1),
     "cancellation": (cancellation, 1),

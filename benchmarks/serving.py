@@ -26,15 +26,17 @@ def sweep(
     eos_logit_bias: int | None = None,
     after: Callable[[str], dict[str, Any]] | None = None,
     concurrency_levels: tuple[int, ...] = CONCURRENCY,
+    extra: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Start one system, run every concurrency level; ``after`` runs extra measurements on it.
 
-    ``eos_logit_bias``: see :meth:`Workload.payloads`.
+    ``eos_logit_bias``: see :meth:`Workload.payloads`; ``extra``: fields added to every request.
     """
     levels: dict[str, Any] = {}
-    requests = workload.payloads(eos_logit_bias)
+    requests = workload.payloads(eos_logit_bias, **(extra or {}))
     with start() as base_url:
-        asyncio.run(run_load(base_url, workload.warmup().payloads(eos_logit_bias), 1, f"{label} warm-up"))
+        warmup = workload.warmup().payloads(eos_logit_bias, **(extra or {}))
+        asyncio.run(run_load(base_url, warmup, 1, f"{label} warm-up"))
         for concurrency in concurrency_levels:
             n = requests_per_level(concurrency, quick)
             batch = [requests[i % len(requests)] for i in range(n)]
