@@ -17,9 +17,10 @@ import json
 import re
 import uuid
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+from pydantic_core import PydanticCustomError
 
 from deployments.engines.base import Delta
 
@@ -32,6 +33,20 @@ _HERMES = re.compile(re.escape(HERMES_OPEN) + r"\s*(.*?)\s*(?:" + re.escape(HERM
 NO_PARAMETERS: dict[str, Any] = {"type": "object", "properties": {}, "additionalProperties": False}
 
 
+def _valid_json_schema(schema: dict[str, Any]) -> dict[str, Any]:
+    from jsonschema import Draft202012Validator, SchemaError
+
+    try:
+        Draft202012Validator.check_schema(schema)
+    except SchemaError as exc:
+        raise PydanticCustomError("invalid_schema", "not a valid JSON schema: {why}", {"why": exc.message}) from None
+    return schema
+
+
+# A JSON schema that constrains decoding (response_format, a function's parameters): checked on arrival.
+JsonSchemaDict = Annotated[dict[str, Any], AfterValidator(_valid_json_schema)]
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -39,7 +54,7 @@ class _Strict(BaseModel):
 class FunctionSpec(_Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")
     description: str | None = None
-    parameters: dict[str, Any] | None = None
+    parameters: JsonSchemaDict | None = None
     strict: bool | None = None  # calls always match: constrained decoding (required, named)
 
 

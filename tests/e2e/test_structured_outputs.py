@@ -115,6 +115,12 @@ def test_max_tokens_cutting_the_json_short_reports_length(app: ServeApp, model: 
         ("tiny", {"audio": {"voice": "alloy", "format": "wav"}, "modalities": ["text", "audio"]},
          "audio, modalities: not supported by this server"),
         ("tiny", {"presence_penalty": 3}, "presence_penalty"),
+        ("tiny", {"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
+        ("vision", {"messages": [{"role": "tool", "content": "3", "tool_call_id": "call_9"}]},
+         "'call_9' answers no tool call"),
+        ("tiny", {"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "object",
+                   "properties": {"a": {"$ref": "https://example.com/a.json"}}}}}], "tool_choice": "required"},
+         "grammar cannot express"),
         ("tiny", {"response_format": {"type": "xml"}}, "response_format"),
     ],
 )  # fmt: skip

@@ -180,3 +180,9 @@ def test_a_conversation_with_calls_and_results_parses_into_template_messages() -
     tool_use = request.tool_use()
     assert tool_use is not None and tool_use.mode == "auto"
     assert parse_request(BASE | {"tool_choice": "none"}).tool_use() is None
+
+
+def test_a_functions_parameters_must_be_a_json_schema() -> None:
+    bad = {"type": "function", "function": {"name": "f", "parameters": {"type": "objekt"}}}
+    with pytest.raises(InvalidRequest, match="tools.0.function.parameters: not a valid JSON schema"):
+        parse_request(BASE | {"tools": [bad]})
