@@ -184,5 +184,5 @@ def test_a_conversation_with_calls_and_results_parses_into_template_messages() -
 
 def test_a_functions_parameters_must_be_a_json_schema() -> None:
     bad = {"type": "function", "function": {"name": "f", "parameters": {"type": "objekt"}}}
-    with pytest.raises(InvalidRequest, match="tools.0.function.parameters: not a valid JSON schema"):
+    with pytest.raises(InvalidRequest, match=r"tools\.0\.function\.parameters: not a valid JSON schema"):
         parse_request(BASE | {"tools": [bad]})
