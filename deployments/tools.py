@@ -24,7 +24,7 @@ from pydantic_core import PydanticCustomError
 
 from deployments.engines.base import Delta
 
-ToolMode = Literal["none", "auto", "required", "named"]
+ToolMode = Literal["auto", "required", "named"]  # tool_choice none: no ToolUse at all
 
 # Markers after which a message's text is a tool call, in the formats ``auto`` parses.
 HERMES_OPEN, HERMES_CLOSE = "<tool_call>", "</tool_call>"
@@ -127,18 +127,17 @@ class ToolUse:
             return None, [new_call(self.named, json.loads(text))]
         if self.mode == "required":
             return None, [new_call(call["name"], call["arguments"]) for call in json.loads(text)]
-        if self.mode == "auto":
-            return parse_tool_calls(text, {t.function.name for t in self.tools})
-        return text, []
+        return parse_tool_calls(text, {t.function.name for t in self.tools})
 
     def template_tools(self) -> tuple[dict[str, Any], ...]:
         """The tools as chat templates take them (OpenAI's shape)."""
         return tuple(t.model_dump(exclude_none=True) for t in self.tools)
 
 
-def _calls_from(value: Any, names: set[str]) -> list[ToolCall] | None:
-    """Calls from parsed JSON: an object or a list of ``{name, arguments | parameters}``."""
-    items = value if isinstance(value, list) else [value]
+def _calls_from(values: list[Any] | None, names: set[str]) -> list[ToolCall] | None:
+    """Calls from parsed JSON values, each ``{name, arguments | parameters}`` or a list of them;
+    None unless every one is a call to one of ``names``."""
+    items = [item for value in values or () for item in (value if isinstance(value, list) else [value])]
     calls = []
     for item in items:
         if not isinstance(item, dict) or item.get("name") not in names:
@@ -177,8 +176,7 @@ def parse_tool_calls(text: str, names: set[str]) -> tuple[str | None, list[ToolC
         head = text[: text.index(HERMES_OPEN)]
         calls: list[ToolCall] = []
         for body in _HERMES.findall(text):
-            values = _json_values(body)
-            found = _calls_from(values, names) if values else None
+            found = _calls_from(_json_values(body), names)
             if found is None:
                 return text, []
             calls += found
@@ -186,16 +184,12 @@ def parse_tool_calls(text: str, names: set[str]) -> tuple[str | None, list[ToolC
     for marker in MARKERS[1:]:  # Mistral's array, Llama 3's python tag
         if marker in text:
             head, _, body = text.partition(marker)
-            values = _json_values(body)
-            found = _calls_from(values[0] if values and len(values) == 1 else values, names) if values else None
+            found = _calls_from(_json_values(body), names)
             return (text, []) if found is None else ((head.strip() or None), found)
-    stripped = text.strip()
-    if stripped.startswith(("{", "[")):  # Llama 3 JSON: the whole answer is the call(s)
-        values = _json_values(stripped)
-        if values:
-            found = _calls_from(values[0] if len(values) == 1 else values, names)
-            if found is not None:
-                return None, found
+    if text.lstrip().startswith(("{", "[")):  # Llama 3 JSON: the whole answer is the call(s)
+        found = _calls_from(_json_values(text), names)
+        if found is not None:
+            return None, found
     return text, []
 
 
