@@ -55,7 +55,7 @@ CORPUS: dict[str, tuple[bytes, dict[str, str], int, str]] = {
     "negative top_k": (body(**chat(top_k=-1)), {}, 400, "top_k"),
     "too many stop sequences": (body(**chat(stop=["a", "b", "c", "d", "e"])), {}, 400, "stop"),
     "empty stop sequence": (body(**chat(stop=[""])), {}, 400, "stop"),
-    "n above one": (body(**chat(n=3)), {}, 400, "n:"),
+    "n above the limit": (body(**chat(n=9)), {}, 400, "n=9 exceeds the limit of 8 choices"),
     "unknown field": (body(**chat(temprature=0.5)), {}, 400, "temprature: unknown field"),
     "stream not a boolean": (body(**chat(stream=[1])), {}, 400, "stream"),
     "seed not a number": (body(**chat(seed="abc")), {}, 400, "seed"),
