@@ -27,6 +27,10 @@ def test_the_shipped_serve_config_validates(models_dir: Path) -> None:
     apps = validate_serve_config(ROOT / "serve_config.yaml")
     models = apps["nika"].models
     assert [(m.kind, m.serves_embeddings) for m in models] == [("gguf", False), ("gguf", True), ("vision", False)]
+    # `make serve` starts a local Ray with the machine's CPUs: the defaults must fit two of them,
+    # or a replica (the router, last) waits forever to be scheduled.
+    deployments = [apps["nika"].router.deployment, *(m.deployment for m in models)]
+    assert sum((d.ray_actor_options or {}).get("num_cpus", 1) * (d.num_replicas or 1) for d in deployments) <= 2
 
 
 def test_missing_model_file(models_dir: Path) -> None:
