@@ -345,9 +345,11 @@ class ChatService:
                 now = time.perf_counter()
                 (metrics.time_to_first_token if first else metrics.inter_token_latency).observe(now - last, tags)
                 first, last = False, now
-                if delta.usage is not None:
-                    metrics.prompt_tokens.inc(delta.usage.prompt_tokens, tags)
-                    metrics.generation_tokens.inc(delta.usage.completion_tokens, tags)
+                if delta.usage is not None:  # Ray's counters refuse 0: an answer may end at its first token
+                    if delta.usage.prompt_tokens:
+                        metrics.prompt_tokens.inc(delta.usage.prompt_tokens, tags)
+                    if delta.usage.completion_tokens:
+                        metrics.generation_tokens.inc(delta.usage.completion_tokens, tags)
                 yield delta
             outcome = "finished"
             metrics.e2e_request_latency.observe(time.perf_counter() - started, tags)

@@ -45,6 +45,16 @@ def test_a_complete_stream_ends_with_finish_reason_and_usage(fake_app: FakeApp, 
 
 
 @pytest.mark.parametrize("stream", [True, False])
+def test_an_answer_of_no_tokens_is_an_empty_answer(fake_app: FakeApp, stream: bool) -> None:
+    """The model ended at once (end of generation first): no content, usage of 0, still a 200."""
+    response = fake_app.http.post("/v1/chat/completions", json=scripted(Script(tokens=[]), stream=stream))
+    assert response.status_code == 200, response.text
+    if not stream:
+        assert response.json()["choices"][0]["message"]["content"] == ""
+        assert response.json()["usage"]["completion_tokens"] == 0
+
+
+@pytest.mark.parametrize("stream", [True, False])
 def test_a_stream_the_engine_ends_without_finishing_is_an_error_not_a_short_answer(
     fake_app: FakeApp, stream: bool
 ) -> None:
