@@ -113,7 +113,7 @@ def structured_output(result: dict[str, Any], ax: list[Any]) -> None:
     """The JSON/free-text throughput ratio per engine and concurrency: each round, and the median."""
     keys = list(result["rounds"])
     medians = [result["ratios"][k] or 0 for k in keys]
-    ax[0].bar(keys, medians, color="#1f77b4", alpha=0.6, label="median")
+    ax[0].bar([k.replace(" c=", "\nc=") for k in keys], medians, color="#1f77b4", alpha=0.6, label="median")
     for i, key in enumerate(keys):
         points = [r for r in result["rounds"][key] if r is not None]
         ax[0].scatter([i] * len(points), points, color="k", s=12, zorder=3, label="rounds" if i == 0 else None)

@@ -54,7 +54,7 @@ def run(ctx: BenchContext) -> dict[str, Any]:
                     )
     ratios = {key: _median(values) for key, values in rounds.items()}
     return {
-        "comparison": "Constrained decoding: JSON-schema output vs free text, same model and load",
+        "comparison": "Constrained decoding: JSON vs free text",
         "models": {"llama.cpp": gguf.path.name, "vLLM": vision.path.name},
         "settings": {"max_tokens": MAX_TOKENS, "rounds": ROUNDS, "schema": WORDS, **SAMPLING},
         "systems": systems,
