@@ -5,6 +5,8 @@
 - :func:`llama_cpp_server` / :func:`vllm_server`: the peers, as subprocesses, given the settings
   our engines derive from the same :class:`~deployments.config.ModelConfig`, so both sides run
   the same model with the same threads, context, KV cache and dtype.
+
+Ray is imported only where our stack needs it: the peers also run on machines without it.
 """
 
 from __future__ import annotations
@@ -23,11 +25,9 @@ from typing import Any
 
 import httpx
 
-from deployments.app import build_app
 from deployments.config import AppConfig, GGUFModelConfig, VisionModelConfig
 from deployments.constants import CLUSTER_ENV
 from deployments.engines.vision import VLLMEngine
-from deployments.replica import deployment_name
 
 APP_NAME = "bench"
 ROUTE_PREFIX = "/bench"  # beside an app already serving at / on a cluster
@@ -171,6 +171,8 @@ class OurStack:
         """Deploy ``config`` as the ``bench`` app at ``/bench`` until the block ends."""
         from ray import serve
 
+        from deployments.app import build_app
+
         if not self._started:
             self._start()
         serve.run(build_app(config), name=APP_NAME, route_prefix=ROUTE_PREFIX)
@@ -183,6 +185,8 @@ class OurStack:
 
     def model_handle(self, model: str) -> Any:
         from ray import serve
+
+        from deployments.replica import deployment_name
 
         return serve.get_deployment_handle(deployment_name(model), app_name=APP_NAME)
 
@@ -203,6 +207,8 @@ class OurStack:
     def replica_pids(self, model: str) -> list[int]:
         """The PIDs of the model's replica actors."""
         import ray
+
+        from deployments.replica import deployment_name
 
         prefix = f"SERVE_REPLICA::{APP_NAME}#{deployment_name(model)}#"
         names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if a["name"].startswith(prefix)]

@@ -161,6 +161,7 @@ class LlamaCppEngine(Engine):
             parallel=cfg.parallel,
             n_batch=cfg.batch_tokens,
             kv_cells=cfg.kv_cache_tokens,
+            threads=threads,
         )
 
     async def unload(self) -> None:

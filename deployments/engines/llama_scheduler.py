@@ -9,8 +9,9 @@ One thread owns the llama.cpp context. Each step it
    the prefilling ones up to ``n_batch`` tokens, so a long prompt delays running streams by
    at most one chunk per step;
 3. decodes it with one ``llama_decode``;
-4. samples each sequence that has logits through its own sampler chain, detokenizes, matches
-   stop strings, and emits its delta to the event loop.
+4. samples each sequence that has logits through its own sampler chain (on up to ``threads``
+   threads at once: the C sampler gives up the GIL, and the CPUs are idle between decodes),
+   then detokenizes, matches stop strings, and emits each delta to the event loop.
 
 A slot whose sequence finished keeps its KV cells as a prefix cache until the budget needs them:
 a later request with the same system prompt or the previous turn of a chat prefills only the
@@ -26,6 +27,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -40,6 +42,9 @@ logger = logging.getLogger("ray.serve")
 
 Emit = Callable[[Any], None]  # a Delta, an exception, or END; thread-safe towards the event loop
 END = object()  # the stream ends (after a final Delta, or early: the caller says why)
+# A slot's cache is reused when it holds at least this share of the prompt (llama-server's
+# --slot-prompt-similarity default); a smaller overlap goes to the least recently used slot.
+MIN_PREFIX_SIMILARITY = 0.1
 
 
 @dataclass(eq=False, slots=True)
@@ -90,6 +95,8 @@ class SchedulerStats:
     prefix_cache_queries: int = 0  # prompt tokens looked up
     prefix_cache_hits: int = 0  # prompt tokens found in a slot's cache
     steps: int = 0
+    step_seconds: float = 0.0  # in steps, all told
+    decode_seconds: float = 0.0  # of which in llama_decode; the rest is the host's share of a step
 
     def as_dict(self) -> dict[str, float]:
         return {name: getattr(self, name) for name in self.__slots__}  # type: ignore[attr-defined]
@@ -106,7 +113,9 @@ def common_prefix(a: list[int], b: list[int]) -> int:
 class Scheduler:
     """Owns a llama.cpp context on its own thread; ``submit`` and ``cancel`` are thread-safe."""
 
-    def __init__(self, llama: Any, ctx: Any, vocab: Any, *, parallel: int, n_batch: int, kv_cells: int) -> None:
+    def __init__(
+        self, llama: Any, ctx: Any, vocab: Any, *, parallel: int, n_batch: int, kv_cells: int, threads: int = 1
+    ) -> None:
         self._llama = llama  # the llama_cpp module: C functions called per step
         self._ctx = ctx
         self._memory = llama.llama_get_memory(ctx)
@@ -122,6 +131,10 @@ class Scheduler:
         self._n_batch = n_batch
         self._kv_cells = kv_cells
         self._batch = llama.llama_batch_init(n_batch, 0, 1)
+        self._threads = min(threads, parallel)
+        self._samplers_pool = (
+            ThreadPoolExecutor(self._threads - 1, thread_name_prefix="llama-sampler") if self._threads > 1 else None
+        )
         self._slots = [Slot(i) for i in range(parallel)]
         self._waiting: deque[Sequence] = deque()
         self._wake = threading.Condition()
@@ -168,6 +181,8 @@ class Scheduler:
         finally:
             self._end_all(error)
             self._llama.llama_batch_free(self._batch)
+            if self._samplers_pool is not None:
+                self._samplers_pool.shutdown()
 
     def _next_step(self) -> bool:
         """Wait for work, admit what fits; False once stopping."""
@@ -201,9 +216,8 @@ class Scheduler:
             if not free:
                 return
             seq = self._waiting[0]
-            # The free slot with the longest cached prefix; at least one prompt token is decoded
-            # again, for the logits of the first sampled token.
-            slot = max(free, key=lambda s: (common_prefix(s.tokens, seq.prompt), -s.last_used))
+            slot = self._pick_slot(free, seq.prompt)
+            # At least one prompt token is decoded again, for the logits of the first sampled token.
             reuse = min(common_prefix(slot.tokens, seq.prompt), len(seq.prompt) - 1)
             donor, shared = self._donor(seq)
             if donor is not None and shared > reuse and len(donor.tokens) < shared:
@@ -223,6 +237,16 @@ class Scheduler:
             slot.seq = seq
             self.stats.prefix_cache_queries += len(seq.prompt)
             self.stats.prefix_cache_hits += reuse
+
+    @staticmethod
+    def _pick_slot(free: list[Slot], prompt: list[int]) -> Slot:
+        """The free slot whose cache holds the longest prefix of ``prompt``; if none holds a real
+        part of it (a chat template's opening is no reason to overwrite another prompt's cache),
+        the least recently used slot, empty ones first. llama-server's rule, with its threshold."""
+        best = max(free, key=lambda s: (common_prefix(s.tokens, prompt), -s.last_used))
+        if common_prefix(best.tokens, prompt) >= MIN_PREFIX_SIMILARITY * len(prompt):
+            return best
+        return min(free, key=lambda s: s.last_used)
 
     def _donor(self, seq: Sequence) -> tuple[Slot | None, int]:
         """The running slot whose prompt shares the longest prefix with ``seq``'s, and its length."""
@@ -263,6 +287,7 @@ class Scheduler:
             self._trim(slot, 0)
 
     def _step(self) -> None:
+        started = time.perf_counter()
         llama, batch = self._llama, self._batch
         outputs: list[tuple[Slot, int]] = []  # slots sampled from this step's logits, at batch index
         n = 0
@@ -294,20 +319,43 @@ class Scheduler:
         if not n:
             return
         batch.n_tokens = n
+        decoding = time.perf_counter()
         status = llama.llama_decode(self._ctx, batch)
         if status != 0:
             raise RuntimeError(f"llama_decode returned {status}")
+        llama.llama_synchronize(self._ctx)  # a GPU decodes asynchronously: its time counts here
+        self.stats.decode_seconds += time.perf_counter() - decoding
         self.stats.steps += 1
         self.stats.batch_size = len(outputs)
         self.stats.peak_batch_size = max(self.stats.peak_batch_size, len(outputs))
-        for slot, index in outputs:
-            seq = slot.seq
-            assert seq is not None
-            token = llama.llama_sampler_sample(seq.sampler, self._ctx, index)
-            top = seq.sampling.logprobs
+        for (slot, index), token in zip(outputs, self._sample_tokens(outputs), strict=True):
+            top = slot.seq.sampling.logprobs
             self._sample(slot, token, () if top is None else (self._logprob(index, token, top),))
         self.stats.running = len(self._running())
         self.stats.kv_cache_usage_perc = sum(len(s.tokens) for s in self._slots) / self._kv_cells
+        self.stats.step_seconds += time.perf_counter() - started
+
+    def _sample_tokens(self, outputs: list[tuple[Slot, int]]) -> list[int]:
+        """Each sequence's next token from its sampler chain; several threads split a large batch.
+
+        Chains are per sequence and the logits are only read once the decode is synchronized
+        (above) and reordered (the first ``llama_get_logits_ith``, here), so threads share nothing.
+        """
+        groups = min(self._threads, len(outputs))
+        if groups < 2:
+            return self._sample_group(outputs)
+        self._llama.llama_get_logits_ith(self._ctx, outputs[0][1])
+        assert self._samplers_pool is not None
+        futures = [self._samplers_pool.submit(self._sample_group, outputs[g::groups]) for g in range(1, groups)]
+        tokens = [0] * len(outputs)
+        tokens[0::groups] = self._sample_group(outputs[0::groups])
+        for g, future in enumerate(futures, start=1):
+            tokens[g::groups] = future.result()
+        return tokens
+
+    def _sample_group(self, outputs: list[tuple[Slot, int]]) -> list[int]:
+        sample, ctx = self._llama.llama_sampler_sample, self._ctx
+        return [sample(slot.seq.sampler, ctx, index) for slot, index in outputs]
 
     def _logprob(self, index: int, token: int, top: int) -> TokenLogprob:
         """``token``'s log-softmax over the raw logits at batch ``index``, and the ``top`` likeliest."""
