@@ -15,8 +15,11 @@ One thread owns the llama.cpp context. Each step it
 
 A slot whose sequence finished keeps its KV cells as a prefix cache until the budget needs them:
 a later request with the same system prompt or the previous turn of a chat prefills only the
-rest. The KV budget counts every running sequence at its full ``prompt + max_tokens``, so a
-running stream never runs out of cells and is never evicted; a request that does not fit waits.
+rest. There are more slots (llama.cpp sequence ids) than sequences that run at once, so the
+prompts of more users than ``parallel`` stay cached; the cells they hold are what bounds them,
+and the least recently used cache goes first. The KV budget counts every running sequence at its
+full ``prompt + max_tokens``, so a running stream never runs out of cells and is never evicted; a
+request that does not fit waits.
 """
 
 from __future__ import annotations
@@ -42,6 +45,10 @@ logger = logging.getLogger("ray.serve")
 
 Emit = Callable[[Any], None]  # a Delta, an exception, or END; thread-safe towards the event loop
 END = object()  # the stream ends (after a final Delta, or early: the caller says why)
+# llama.cpp sequence ids per sequence that may run: the rest hold finished prompts as caches.
+# Cheap in a unified KV pool (an id only tags cells), but not free everywhere: a sliding-window
+# model's cache grows with the ids, so a modest factor.
+SLOTS_PER_SEQUENCE = 4
 # A slot's cache is reused when it holds at least this share of the prompt (llama-server's
 # --slot-prompt-similarity default); a smaller overlap goes to the least recently used slot.
 MIN_PREFIX_SIMILARITY = 0.1
@@ -114,7 +121,16 @@ class Scheduler:
     """Owns a llama.cpp context on its own thread; ``submit`` and ``cancel`` are thread-safe."""
 
     def __init__(
-        self, llama: Any, ctx: Any, vocab: Any, *, parallel: int, n_batch: int, kv_cells: int, threads: int = 1
+        self,
+        llama: Any,
+        ctx: Any,
+        vocab: Any,
+        *,
+        parallel: int,
+        slots: int,
+        n_batch: int,
+        kv_cells: int,
+        threads: int = 1,
     ) -> None:
         self._llama = llama  # the llama_cpp module: C functions called per step
         self._ctx = ctx
@@ -131,11 +147,12 @@ class Scheduler:
         self._n_batch = n_batch
         self._kv_cells = kv_cells
         self._batch = llama.llama_batch_init(n_batch, 0, 1)
+        self._parallel = parallel
         self._threads = min(threads, parallel)
         self._samplers_pool = (
             ThreadPoolExecutor(self._threads - 1, thread_name_prefix="llama-sampler") if self._threads > 1 else None
         )
-        self._slots = [Slot(i) for i in range(parallel)]
+        self._slots = [Slot(i) for i in range(slots)]
         self._waiting: deque[Sequence] = deque()
         self._wake = threading.Condition()
         self._stopping = False
@@ -210,11 +227,9 @@ class Scheduler:
             self._waiting = deque(seq for seq in self._waiting if not seq.cancelled)
 
     def _admit(self) -> None:
-        """Move waiting sequences (in order) into free slots while the KV budget allows."""
-        while self._waiting:
+        """Move waiting sequences (in order) into free slots while ``parallel`` and the KV budget allow."""
+        while self._waiting and len(self._running()) < self._parallel:
             free = [slot for slot in self._slots if slot.seq is None]
-            if not free:
-                return
             seq = self._waiting[0]
             slot = self._pick_slot(free, seq.prompt)
             # At least one prompt token is decoded again, for the logits of the first sampled token.
