@@ -155,6 +155,24 @@ def test_a_repeated_system_prompt_comes_from_the_cache(batched: str) -> None:
     assert cached >= 100 and cached < second.usage.prompt_tokens
 
 
+def test_more_prompts_than_parallel_stay_cached(batched: str) -> None:
+    """``medium`` runs 8 sequences; the prompts of 12 conversations all stay in its cache."""
+    client = openai.OpenAI(base_url=f"{batched}/v1", api_key="unused", max_retries=0, timeout=120)
+
+    def ask(i: int) -> Any:
+        content = f"{i} " + " ".join(f"topic{i}-{j}" for j in range(40))
+        answer = client.chat.completions.create(
+            model="medium", messages=[{"role": "user", "content": content}], max_tokens=1
+        )
+        assert answer.usage is not None
+        return answer.usage
+
+    for i in range(12):
+        ask(i)
+    again = ask(0)
+    assert again.prompt_tokens_details.cached_tokens == again.prompt_tokens - 1  # type: ignore[union-attr]
+
+
 def test_a_burst_beyond_the_kv_pool_waits_and_none_fails(app: ServeApp, batched: str) -> None:
     """``tiny``'s pool holds 512 cells: two requests of ~250; eight arrive at once."""
     body = chat("tiny", max_tokens=220, ignore_eos=True, stream_options={"include_usage": True})
