@@ -10,7 +10,16 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    NonNegativeInt,
+    PositiveFloat,
+    PositiveInt,
+    field_validator,
+    model_validator,
+)
 
 from deployments import constants as C
 
@@ -201,7 +210,12 @@ class GGUFModelConfig(ModelConfigBase):
     kv_cache_tokens: PositiveInt | None = Field(
         default=None,
         description="KV-cache cells shared by all sequences of a replica (default: context_size x parallel); "
-        "finished sequences keep theirs as a prefix cache until new requests need them.",
+        "a finished sequence keeps its cells in its slot as a prefix cache until a new request needs the slot.",
+    )
+    prompt_cache_mib: NonNegativeInt = Field(
+        default=C.DEFAULT_PROMPT_CACHE_MIB,
+        description="Host memory for finished prompts' KV state (llama-server's --cache-ram): a request that "
+        "continues one restores it instead of prefilling it again; 0 keeps only what the slots hold.",
     )
     embeddings: bool = Field(
         default=False,

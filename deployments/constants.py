@@ -2,6 +2,7 @@
 
 DEFAULT_CONTEXT_SIZE = 2048
 DEFAULT_BATCH_TOKENS = 512  # llama.cpp tokens per decode step (its n_ubatch default)
+DEFAULT_PROMPT_CACHE_MIB = 1024  # host memory per replica for cached prompts' KV (llama-server: 8192)
 DEFAULT_MAX_TOKENS = 256
 DEFAULT_TEMPERATURE = 0.8
 DEFAULT_TOP_P = 0.95

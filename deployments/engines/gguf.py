@@ -22,7 +22,7 @@ import gguf
 from deployments.config import GGUFModelConfig
 from deployments.engines.base import Delta, Embeddings, Engine, GenerationRequest, ModelFacts
 from deployments.engines.llama_embedding import POOLING, SEQUENCES_PER_BATCH, Embedder
-from deployments.engines.llama_scheduler import END, SLOTS_PER_SEQUENCE, Scheduler, Sequence
+from deployments.engines.llama_scheduler import END, Scheduler, Sequence
 from deployments.errors import InvalidRequest, ModelLoadFailed, ModelNotLoaded
 from deployments.quantization import resolve_gguf_quantization
 from deployments.tools import template_input
@@ -139,7 +139,7 @@ class LlamaCppEngine(Engine):
         else:
             params.n_ctx = cfg.kv_cache_tokens
             params.n_batch = params.n_ubatch = cfg.batch_tokens
-            params.n_seq_max = slots = min(cfg.parallel * SLOTS_PER_SEQUENCE, llama_cpp.llama_max_parallel_sequences())
+            params.n_seq_max = cfg.parallel
         try:
             context = LlamaContext(model=model, params=params, verbose=False)
         except ValueError as exc:
@@ -159,9 +159,9 @@ class LlamaCppEngine(Engine):
             context.ctx,
             model.vocab,
             parallel=cfg.parallel,
-            slots=slots,
             n_batch=cfg.batch_tokens,
             kv_cells=cfg.kv_cache_tokens,
+            prompt_cache_bytes=cfg.prompt_cache_mib * 2**20,
             threads=threads,
         )
 

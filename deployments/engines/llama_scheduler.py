@@ -13,13 +13,14 @@ One thread owns the llama.cpp context. Each step it
    threads at once: the C sampler gives up the GIL, and the CPUs are idle between decodes),
    then detokenizes, matches stop strings, and emits each delta to the event loop.
 
-A slot whose sequence finished keeps its KV cells as a prefix cache until the budget needs them:
-a later request with the same system prompt or the previous turn of a chat prefills only the
-rest. There are more slots (llama.cpp sequence ids) than sequences that run at once, so the
-prompts of more users than ``parallel`` stay cached; the cells they hold are what bounds them,
-and the least recently used cache goes first. The KV budget counts every running sequence at its
-full ``prompt + max_tokens``, so a running stream never runs out of cells and is never evicted; a
-request that does not fit waits.
+A slot whose sequence finished keeps its KV cells as a prefix cache: a later request with the
+same system prompt or the previous turn of a chat prefills only the rest. When a slot is about to
+lose most of what it holds (a new prompt, or the budget needs its cells) the prompt goes to host
+memory (:class:`PromptCache`, llama-server's ``--cache-ram``) and comes back into a slot for the
+request that continues it: the pool holds ``parallel`` sequences' cells at most, the span every
+decode step attends over, while the prompts of many more users stay cached. The KV budget counts
+every running sequence at its full ``prompt + max_tokens``, so a running stream never runs out of
+cells and is never evicted; a request that does not fit waits.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ import numpy as np
 
 from deployments.engines.base import Delta, SamplingParams, TokenLogprob, Usage
 from deployments.engines.llama_sampling import Samplers
+from deployments.engines.prompt_cache import CachedPrompt, PromptCache, common_prefix
 from deployments.engines.text_stream import TextStream
 from deployments.errors import InferenceFailed, ServeError
 
@@ -45,11 +47,7 @@ logger = logging.getLogger("ray.serve")
 
 Emit = Callable[[Any], None]  # a Delta, an exception, or END; thread-safe towards the event loop
 END = object()  # the stream ends (after a final Delta, or early: the caller says why)
-# llama.cpp sequence ids per sequence that may run: the rest hold finished prompts as caches.
-# Cheap in a unified KV pool (an id only tags cells), but not free everywhere: a sliding-window
-# model's cache grows with the ids, so a modest factor.
-SLOTS_PER_SEQUENCE = 4
-# A slot's cache is reused when it holds at least this share of the prompt (llama-server's
+# A cache is reused when it holds at least this share of the prompt (llama-server's
 # --slot-prompt-similarity default); a smaller overlap goes to the least recently used slot.
 MIN_PREFIX_SIMILARITY = 0.1
 
@@ -100,21 +98,15 @@ class SchedulerStats:
     peak_batch_size: int = 0
     kv_cache_usage_perc: float = 0.0
     prefix_cache_queries: int = 0  # prompt tokens looked up
-    prefix_cache_hits: int = 0  # prompt tokens found in a slot's cache
+    prefix_cache_hits: int = 0  # prompt tokens found in a slot's cache or the prompt cache
+    prompt_cache_entries: int = 0  # prompts held in host memory
+    prompt_cache_bytes: int = 0
     steps: int = 0
     step_seconds: float = 0.0  # in steps, all told
     decode_seconds: float = 0.0  # of which in llama_decode; the rest is the host's share of a step
 
     def as_dict(self) -> dict[str, float]:
         return {name: getattr(self, name) for name in self.__slots__}  # type: ignore[attr-defined]
-
-
-def common_prefix(a: list[int], b: list[int]) -> int:
-    n = min(len(a), len(b))
-    i = 0
-    while i < n and a[i] == b[i]:
-        i += 1
-    return i
 
 
 class Scheduler:
@@ -127,9 +119,9 @@ class Scheduler:
         vocab: Any,
         *,
         parallel: int,
-        slots: int,
         n_batch: int,
         kv_cells: int,
+        prompt_cache_bytes: int,
         threads: int = 1,
     ) -> None:
         self._llama = llama  # the llama_cpp module: C functions called per step
@@ -152,7 +144,8 @@ class Scheduler:
         self._samplers_pool = (
             ThreadPoolExecutor(self._threads - 1, thread_name_prefix="llama-sampler") if self._threads > 1 else None
         )
-        self._slots = [Slot(i) for i in range(slots)]
+        self._slots = [Slot(i) for i in range(parallel)]
+        self._prompt_cache = PromptCache(prompt_cache_bytes)
         self._waiting: deque[Sequence] = deque()
         self._wake = threading.Condition()
         self._stopping = False
@@ -233,21 +226,30 @@ class Scheduler:
             seq = self._waiting[0]
             slot = self._pick_slot(free, seq.prompt)
             # At least one prompt token is decoded again, for the logits of the first sampled token.
-            reuse = min(common_prefix(slot.tokens, seq.prompt), len(seq.prompt) - 1)
+            usable = len(seq.prompt) - 1
+            own = min(common_prefix(slot.tokens, seq.prompt), usable)
+            stored, restorable = self._prompt_cache.longest_prefix(seq.prompt)
+            if restorable < MIN_PREFIX_SIMILARITY * len(seq.prompt):
+                restorable = 0
+            reuse = max(own, min(restorable, usable))
             donor, shared = self._donor(seq)
             if donor is not None and shared > reuse and len(donor.tokens) < shared:
                 if shared - reuse >= len(seq.prompt) // 2:
                     return  # mostly the prompt of a sequence still prefilling (n choices): wait for its cells
                 shared = len(donor.tokens)
-            if not self._fits(seq, slot, max(reuse, shared)):
+            if not self._fits(seq, slot):
                 return  # it waits for running sequences to finish
             self._waiting.popleft()
             if donor is not None and shared > reuse:  # share a running sequence's cells, computed once
-                self._trim(slot, 0)
+                self._overwrite(slot, 0)
                 self._llama.llama_memory_seq_cp(self._memory, donor.seq_id, slot.seq_id, 0, shared)
                 slot.tokens = donor.tokens[:shared]
                 reuse = shared
-            self._trim(slot, reuse)
+            elif reuse > own:
+                assert stored is not None
+                self._overwrite(slot, 0)
+                reuse = self._restore(slot, stored, reuse)
+            self._overwrite(slot, reuse)
             seq.prefilled = seq.cached = reuse
             slot.seq = seq
             self.stats.prefix_cache_queries += len(seq.prompt)
@@ -277,16 +279,46 @@ class Scheduler:
         """KV cells held by caches plus the most that running sequences may still take."""
         return sum(max(len(s.tokens), s.seq.budget if s.seq else 0) for s in self._slots)
 
-    def _fits(self, seq: Sequence, slot: Slot, reuse: int) -> bool:
-        """Whether ``seq`` fits in ``slot`` once trimmed to ``reuse``; evicts other free slots' caches."""
+    def _fits(self, seq: Sequence, slot: Slot) -> bool:
+        """Whether ``seq`` fits in ``slot``; moves other free slots' caches out of the pool if needed."""
         need = self._committed() - len(slot.tokens) + seq.budget
         for other in sorted(self._slots, key=lambda s: s.last_used):
             if need <= self._kv_cells:
                 break
             if other.seq is None and other is not slot and other.tokens:
                 need -= len(other.tokens)
-                self._trim(other, 0)
+                self._overwrite(other, 0)
         return need <= self._kv_cells
+
+    def _overwrite(self, slot: Slot, keep: int) -> None:
+        """Trim ``slot`` to its first ``keep`` cells; a prompt mostly lost that way goes to the prompt cache first."""
+        if 2 * keep < len(slot.tokens):
+            self._stash(slot)
+        self._trim(slot, keep)
+
+    def _stash(self, slot: Slot) -> None:
+        llama, ctx = self._llama, self._ctx
+        size = llama.llama_state_seq_get_size(ctx, slot.seq_id)
+        if not self._prompt_cache.fits(size):
+            return
+        state = (ctypes.c_uint8 * size)()
+        if llama.llama_state_seq_get_data(ctx, state, size, slot.seq_id) == size:
+            self._prompt_cache.put(CachedPrompt(tuple(slot.tokens), state))
+
+    def _restore(self, slot: Slot, entry: CachedPrompt, keep: int) -> int:
+        """Copy ``entry`` into the empty ``slot`` and keep its first ``keep`` cells; the cells kept.
+
+        The entry leaves the prompt cache when the slot keeps most of it (the slot stashes it again
+        when it is overwritten); otherwise it stays, and the slot's copy is trimmed.
+        """
+        if not self._llama.llama_state_seq_set_data(self._ctx, entry.state, len(entry.state), slot.seq_id):
+            logger.warning("llama.cpp could not restore a cached prompt of %d tokens", len(entry.tokens))
+            return 0  # prefilled instead
+        slot.tokens = list(entry.tokens)
+        if 2 * keep >= len(entry.tokens):
+            self._prompt_cache.take(entry)
+        self._trim(slot, keep)
+        return keep
 
     def _trim(self, slot: Slot, keep: int) -> None:
         if len(slot.tokens) > keep:
@@ -348,6 +380,8 @@ class Scheduler:
             self._sample(slot, token, () if top is None else (self._logprob(index, token, top),))
         self.stats.running = len(self._running())
         self.stats.kv_cache_usage_perc = sum(len(s.tokens) for s in self._slots) / self._kv_cells
+        self.stats.prompt_cache_entries = len(self._prompt_cache)
+        self.stats.prompt_cache_bytes = self._prompt_cache.bytes
         self.stats.step_seconds += time.perf_counter() - started
 
     def _sample_tokens(self, outputs: list[tuple[Slot, int]]) -> list[int]:

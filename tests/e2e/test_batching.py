@@ -155,8 +155,9 @@ def test_a_repeated_system_prompt_comes_from_the_cache(batched: str) -> None:
     assert cached >= 100 and cached < second.usage.prompt_tokens
 
 
-def test_more_prompts_than_parallel_stay_cached(batched: str) -> None:
-    """``medium`` runs 8 sequences; the prompts of 12 conversations all stay in its cache."""
+def test_more_prompts_than_parallel_stay_cached(app: ServeApp, batched: str) -> None:
+    """``medium`` has 8 slots; the prompts of 12 conversations all stay cached, the oldest ones in
+    host memory (moved there when their slots took new prompts) and restored from it."""
     client = openai.OpenAI(base_url=f"{batched}/v1", api_key="unused", max_retries=0, timeout=120)
 
     def ask(i: int) -> Any:
@@ -169,8 +170,10 @@ def test_more_prompts_than_parallel_stay_cached(batched: str) -> None:
 
     for i in range(12):
         ask(i)
-    again = ask(0)
-    assert again.prompt_tokens_details.cached_tokens == again.prompt_tokens - 1  # type: ignore[union-attr]
+    assert stats(app, "medium")["prompt_cache_entries"] >= 4
+    for i in (0, 11):  # from host memory, from a slot
+        again = ask(i)
+        assert again.prompt_tokens_details.cached_tokens == again.prompt_tokens - 1  # type: ignore[union-attr]
 
 
 def test_a_burst_beyond_the_kv_pool_waits_and_none_fails(app: ServeApp, batched: str) -> None:
