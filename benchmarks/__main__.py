@@ -74,7 +74,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="fewer requests per level (a smoke run)")
     parser.add_argument("--gpu", action="store_true", help="offload GGUF layers and run vLLM on one GPU each")
     parser.add_argument("--ray-address", help="an existing Ray cluster (default: start a local one)")
-    parser.add_argument("--num-cpus", type=int, default=4, help="logical CPUs of the local Ray")
+    parser.add_argument(
+        "--num-cpus", type=int, default=6, help="logical CPUs of the local Ray (what replicas reserve; not cores)"
+    )
     parser.add_argument("--port", type=int, default=8100, help="our HTTP port")
     parser.add_argument("--peer-port", type=int, default=8101)
     parser.add_argument("--models-dir", type=Path, default=ROOT / "models")

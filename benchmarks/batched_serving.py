@@ -4,6 +4,10 @@ against llama.cpp's own ``llama-server -np 8 -kvu`` on the same threads, KV pool
 previous setup (2 replicas of ``parallel: 1``, two model copies, 1 CPU each) and against
 ``llama_cpp.server`` (one sequence at a time). Concurrency 1, 4, 8, 16; the resident memory of
 each system's engine processes after its run.
+
+The three systems the targets compare are up together and take turns at every level, two rounds
+each (see :func:`interleaved_sweep`): single runs one after the other swung 10-30% with the
+machine, more than the differences measured. ``llama_cpp.server`` runs alone, once.
 """
 
 from __future__ import annotations
@@ -11,8 +15,8 @@ from __future__ import annotations
 from typing import Any
 
 from benchmarks.context import BenchContext, eos_token_id
-from benchmarks.serving import ratio, sweep
-from benchmarks.systems import SERVER_PIDS, llama_cpp_server, llama_server, process_tree_rss_mib
+from benchmarks.serving import System, interleaved_sweep, ratio, sweep
+from benchmarks.systems import APP_NAME, SERVER_PIDS, llama_cpp_server, llama_server, process_tree_rss_mib
 from benchmarks.workloads import SAMPLING, Workload, prompts
 
 NAME = "batched_serving"
@@ -41,23 +45,35 @@ def run(ctx: BenchContext) -> dict[str, Any]:
     weights = {OURS: size_mib, PEER: size_mib, TODAY: 2 * size_mib, SERIAL: size_mib}
     memory: dict[str, float] = {}
 
-    def ours_rss(label: str) -> Any:
-        return lambda _: memory.__setitem__(label, process_tree_rss_mib(ctx.ours.replica_pids(batched.name))) or {}
+    def ours(label: str, model: Any, app: str) -> System:
+        def rss(_: str) -> dict[str, Any]:
+            memory[label] = process_tree_rss_mib(ctx.ours.replica_pids(model.name, app))
+            return {}
+
+        return System(lambda: ctx.ours.app(ctx.app_config(model), app), after=rss)
 
     def peer_rss(label: str) -> Any:
         return lambda base_url: memory.__setitem__(label, process_tree_rss_mib([SERVER_PIDS[base_url]])) or {}
 
-    def measure(label: str, start: Any, after: Any, eos: int | None = None) -> dict[str, Any]:
-        return sweep(label, start, workload, ctx.quick, eos, after=after, concurrency_levels=LEVELS)
-
-    systems = {
-        OURS: measure(OURS, lambda: ctx.ours.app(ctx.app_config(batched)), ours_rss(OURS)),
-        PEER: measure(PEER, lambda: llama_server(batched, ctx.peer_port), peer_rss(PEER)),
-        TODAY: measure(TODAY, lambda: ctx.ours.app(ctx.app_config(two)), ours_rss(TODAY)),
-        SERIAL: measure(
-            SERIAL, lambda: llama_cpp_server(serial, ctx.peer_port, False), peer_rss(SERIAL), eos_token_id(serial.path)
-        ),
-    }
+    systems = interleaved_sweep(
+        {
+            OURS: ours(OURS, batched, APP_NAME),
+            PEER: System(lambda: llama_server(batched, ctx.peer_port), after=peer_rss(PEER)),
+            TODAY: ours(TODAY, two, f"{APP_NAME}-two"),
+        },
+        workload,
+        ctx.quick,
+        LEVELS,
+    )
+    systems[SERIAL] = sweep(
+        SERIAL,
+        lambda: llama_cpp_server(serial, ctx.peer_port, False),
+        workload,
+        ctx.quick,
+        eos_token_id(serial.path),
+        after=peer_rss(SERIAL),
+        concurrency_levels=LEVELS,
+    )
     at = {name: system["concurrency"] for name, system in systems.items()}
     ratios = {
         "throughput_vs_llama_server": ratio(at[OURS]["8"]["output_tok_s"], at[PEER]["8"]["output_tok_s"]),

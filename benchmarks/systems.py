@@ -29,8 +29,7 @@ from deployments.config import AppConfig, GGUFModelConfig, VisionModelConfig
 from deployments.constants import CLUSTER_ENV
 from deployments.engines.vision import VLLMEngine
 
-APP_NAME = "bench"
-ROUTE_PREFIX = "/bench"  # beside an app already serving at / on a cluster
+APP_NAME = "bench"  # served at /bench: beside an app already serving at / on a cluster
 STARTUP_TIMEOUT_S = 300
 LOG_DIR = Path(__file__).parent / ".logs"
 SERVER_PIDS: dict[str, int] = {}  # base URL -> PID of the peer server running there
@@ -167,21 +166,21 @@ class OurStack:
         self._started = True
 
     @contextmanager
-    def app(self, config: AppConfig) -> Iterator[str]:
-        """Deploy ``config`` as the ``bench`` app at ``/bench`` until the block ends."""
+    def app(self, config: AppConfig, name: str = APP_NAME) -> Iterator[str]:
+        """Deploy ``config`` as the app ``name`` (default ``bench``) at ``/<name>`` until the block ends."""
         from ray import serve
 
         from deployments.app import build_app
 
         if not self._started:
             self._start()
-        serve.run(build_app(config), name=APP_NAME, route_prefix=ROUTE_PREFIX)
-        base_url = f"http://127.0.0.1:{self.port}{ROUTE_PREFIX}"
+        serve.run(build_app(config), name=name, route_prefix=f"/{name}")
+        base_url = f"http://127.0.0.1:{self.port}/{name}"
         try:
             wait_until_ready(base_url, STARTUP_TIMEOUT_S)
             yield base_url
         finally:
-            serve.delete(APP_NAME)
+            serve.delete(name)
 
     def model_handle(self, model: str) -> Any:
         from ray import serve
@@ -204,13 +203,13 @@ class OurStack:
         (pid,) = self.replica_pids(model)
         return pid
 
-    def replica_pids(self, model: str) -> list[int]:
-        """The PIDs of the model's replica actors."""
+    def replica_pids(self, model: str, app: str = APP_NAME) -> list[int]:
+        """The PIDs of the model's replica actors in ``app``."""
         import ray
 
         from deployments.replica import deployment_name
 
-        prefix = f"SERVE_REPLICA::{APP_NAME}#{deployment_name(model)}#"
+        prefix = f"SERVE_REPLICA::{app}#{deployment_name(model)}#"
         names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if a["name"].startswith(prefix)]
         return [ray.get(ray.get_actor(n, namespace="serve").__ray_call__.remote(lambda _: os.getpid())) for n in names]
 
