@@ -48,7 +48,8 @@ def run(ctx: BenchContext) -> dict[str, Any]:
     def ours(label: str, model: Any, app: str) -> System:
         def rss(_: str) -> dict[str, Any]:
             memory[label] = process_tree_rss_mib(ctx.ours.replica_pids(model.name, app))
-            return {}
+            info = ctx.ours.model_handle(model.name, app).info.remote().result()
+            return {"engine_stats": info.engine_stats}  # one replica's: its prefix-cache hits, steps
 
         return System(lambda: ctx.ours.app(ctx.app_config(model), app), after=rss)
 

@@ -182,12 +182,12 @@ class OurStack:
         finally:
             serve.delete(name)
 
-    def model_handle(self, model: str) -> Any:
+    def model_handle(self, model: str, app: str = APP_NAME) -> Any:
         from ray import serve
 
         from deployments.replica import deployment_name
 
-        return serve.get_deployment_handle(deployment_name(model), app_name=APP_NAME)
+        return serve.get_deployment_handle(deployment_name(model), app_name=app)
 
     async def wait_idle(self, model: str, timeout_s: float = 30) -> None:
         """Until the model's engine reports no generation (a cancelled one has stopped)."""
