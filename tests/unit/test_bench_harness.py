@@ -2,6 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import pytest
+
+from benchmarks import serving
 from benchmarks.loadgen import RequestResult
 from benchmarks.stats import summarize
 from benchmarks.workloads import Workload, prompts
@@ -25,3 +32,26 @@ def test_a_cut_stream_counts_as_truncated_and_its_tokens_count() -> None:
     assert (summary["errors"], summary["truncated"], summary["output_tokens"]) == (2, 1, 4)
     assert summary["ttft_ms"]["p50"] == 100.0 and summary["tpot_ms"]["p50"] == 100.0
     assert summary["itl_ms"]["p50"] == 100.0 and summary["output_tok_s"] == 4.0
+
+
+def test_interleaved_systems_take_turns_and_pool_their_rounds(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[tuple[str, int]] = []
+
+    async def fake_load(base_url: str, payloads: list[Any], concurrency: int, label: str) -> Any:
+        calls.append((base_url, concurrency))
+        tokens = 2 if base_url == "a" else 1
+        return [RequestResult(0, 0.1, [0.1, 0.2], 0.2, tokens) for _ in payloads], 1.0
+
+    @contextmanager
+    def up(url: str) -> Iterator[str]:
+        yield url
+
+    monkeypatch.setattr(serving, "run_load", fake_load)
+    systems = {"A": serving.System(lambda: up("a")), "B": serving.System(lambda: up("b"), after=lambda u: {"x": u})}
+    result = serving.interleaved_sweep(systems, Workload("m", prompts(2), max_tokens=2), True, (1, 4), rounds=2)
+    warmups, runs = calls[:2], calls[2:]
+    assert warmups == [("a", 1), ("b", 1)]
+    assert runs == [("a", 1), ("b", 1), ("b", 1), ("a", 1), ("a", 4), ("b", 4), ("b", 4), ("a", 4)]
+    level = result["A"]["concurrency"]["4"]
+    assert level["requests"] == 8 and level["wall_s"] == 2.0 and level["output_tok_s"] == 8.0
+    assert result["B"]["x"] == "b" and "x" not in result["A"]
