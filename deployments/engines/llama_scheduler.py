@@ -4,7 +4,8 @@ Shaped like llama.cpp's own server (``tools/server``: a slot per sequence, one u
 One thread owns the llama.cpp context. Each step it
 
 1. drops cancelled sequences (their KV cells are freed at once) and admits waiting ones into
-   free slots while the KV budget allows, reusing the longest cached prefix of any free slot;
+   free slots while the KV budget allows, reusing the longest cached prefix of a free slot or
+   of the prompt cache in host memory;
 2. builds one batch: the next token of every generating sequence first, then prompt chunks of
    the prefilling ones up to ``n_batch`` tokens, so a long prompt delays running streams by
    at most one chunk per step;
