@@ -229,6 +229,7 @@ class LlamaCppEngine(Engine):
             request.sampling,
             scheduler.samplers.chain(request.sampling, RANDOM_SEED if seed is None else seed & 0xFFFFFFFF),
             lambda item: loop.call_soon_threadsafe(queue.put_nowait, item),
+            request.stream_interval_s,
         )
         self._active += 1
         scheduler.submit(seq)

@@ -1,11 +1,12 @@
 """Finished prompts' KV state in host memory, for a later request with the same prefix.
 
-llama-server's ``--cache-ram``: the KV pool holds only the running sequences' slots and what each
-slot last held, so every decode step attends over a short span of cells (in a unified pool a
-query visits every used cell up to the highest, whichever sequence owns it: cached prompts in the
-pool slow every running stream). A prompt about to be overwritten in its slot is copied here
-(``llama_state_seq_get_data``, ~12 KiB a token for the medium demo model), and copied back into
-a slot when a new prompt starts with enough of it: far cheaper than prefilling it again.
+llama-server's ``--cache-ram`` and ``--cache-idle-slots``: the KV pool holds the running
+sequences, so every decode step attends over a short span of cells (in a unified pool a query
+visits every used cell up to the highest, whichever sequence owns it: cached prompts in the pool
+slow every running stream). When a request is admitted, the prompts that idle slots still hold are
+copied here (``llama_state_seq_get_data``, ~12 KiB a token for the medium demo model) and leave
+the pool; one is copied back into a slot when a new prompt starts with enough of it: far cheaper
+than prefilling it again.
 """
 
 from __future__ import annotations

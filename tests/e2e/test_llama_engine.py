@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from deployments.config import GGUFModelConfig
-from deployments.engines.base import GenerationRequest, SamplingParams
+from deployments.engines.base import Delta, GenerationRequest, SamplingParams
 from deployments.engines.gguf import LlamaCppEngine
 
 pytestmark = pytest.mark.e2e
@@ -34,3 +34,25 @@ async def solo_outputs(path: Path, parallel: int) -> list[str]:
 def test_a_request_alone_in_the_batched_engine_computes_what_it_computes_serially(models_dir: Path) -> None:
     path = models_dir / "tiny-llama-Q4_K_M.gguf"
     assert asyncio.run(solo_outputs(path, 8)) == asyncio.run(solo_outputs(path, 1))
+
+
+def test_the_engine_hands_a_fast_stream_over_once_per_interval_and_loses_nothing(models_dir: Path) -> None:
+    """The first token at once, the rest joined: one wake-up of the event loop per chunk."""
+    sampling = SamplingParams(temperature=0, top_p=1, top_k=0, max_tokens=64, ignore_eos=True, logprobs=0)
+    coalesced = GenerationRequest(
+        request_id="c", messages=({"role": "user", "content": "go"},), sampling=sampling, stream_interval_s=600
+    )
+
+    async def run() -> list[Delta]:
+        engine = LlamaCppEngine(GGUFModelConfig(name="m", path=models_dir / "tiny-llama-Q4_K_M.gguf", n_threads=1))
+        await engine.load()
+        try:
+            return [delta async for delta in engine.generate(coalesced)]
+        finally:
+            await engine.unload()
+
+    first, last = asyncio.run(run())  # exactly two: the interval outlasts the generation
+    assert len(first.logprobs) == 1 and last.finish_reason == "length"
+    tokens = first.logprobs + last.logprobs
+    assert len(tokens) == 64
+    assert b"".join(t.token for t in tokens).decode(errors="replace") == first.text + last.text
