@@ -210,12 +210,13 @@ class GGUFModelConfig(ModelConfigBase):
     kv_cache_tokens: PositiveInt | None = Field(
         default=None,
         description="KV-cache cells shared by all sequences of a replica (default: context_size x parallel); "
-        "a finished sequence keeps its cells in its slot as a prefix cache until a new request needs the slot.",
+        "a finished sequence's cells stay in its slot as a prefix cache until the next request is admitted.",
     )
     prompt_cache_mib: NonNegativeInt = Field(
         default=C.DEFAULT_PROMPT_CACHE_MIB,
-        description="Host memory for finished prompts' KV state (llama-server's --cache-ram): a request that "
-        "continues one restores it instead of prefilling it again; 0 keeps only what the slots hold.",
+        description="Host memory for finished prompts' KV state (llama-server's --cache-ram): idle slots' prompts "
+        "move there when a request is admitted, and one that a request continues comes back instead of being "
+        "prefilled again; 0 keeps finished prompts in their slots, in the KV pool.",
     )
     embeddings: bool = Field(
         default=False,
