@@ -73,6 +73,7 @@ class Sequence:
     generated: int = 0
     next_token: int = -1  # sampled, not yet decoded
     pending: list[Delta] = field(default_factory=list)  # generated, not yet emitted
+    submitted_at: float = 0.0
     emitted_at: float = float("-inf")
     text: TextStream = field(init=False)
 
@@ -108,6 +109,9 @@ class SchedulerStats:
     prefix_cache_hits: int = 0  # prompt tokens found in a slot's cache or the prompt cache
     prompt_cache_entries: int = 0  # prompts held in host memory
     prompt_cache_bytes: int = 0
+    admitted: int = 0  # requests that got a slot
+    queue_seconds: float = 0.0  # from submit to a slot, all told
+    first_token_seconds: float = 0.0  # from submit to the first delta, all told (the engine's TTFT)
     steps: int = 0
     step_seconds: float = 0.0  # in steps, all told
     decode_seconds: float = 0.0  # of which in llama_decode; the rest is the host's share of a step
@@ -163,6 +167,7 @@ class Scheduler:
     # -- the event loop's side ---------------------------------------------------------
 
     def submit(self, seq: Sequence) -> None:
+        seq.submitted_at = time.monotonic()
         with self._wake:
             self._waiting.append(seq)
             self.stats.waiting = len(self._waiting)
@@ -280,6 +285,8 @@ class Scheduler:
         slot.seq = seq
         self.stats.prefix_cache_queries += len(seq.prompt)
         self.stats.prefix_cache_hits += reuse
+        self.stats.admitted += 1
+        self.stats.queue_seconds += time.monotonic() - seq.submitted_at
         return True
 
     @staticmethod
@@ -409,8 +416,7 @@ class Scheduler:
         now = time.monotonic()
         for seq in sequences:
             if seq.pending and now - seq.emitted_at >= seq.interval_s:
-                self._flush(seq)
-                seq.emitted_at = now
+                self._flush(seq, now)
         self.stats.running = len(self._running())
         self.stats.kv_cache_usage_perc = sum(len(s.tokens) for s in self._slots) / self._kv_cells
         self.stats.prompt_cache_entries = len(self._prompt_cache)
@@ -468,18 +474,20 @@ class Scheduler:
             seq.pending.append(Delta(text, logprobs=logprobs))
         seq.next_token = token
 
-    @staticmethod
-    def _flush(seq: Sequence) -> None:
-        if seq.pending:
-            seq.emit(Delta.join(seq.pending))
-            seq.pending = []
+    def _flush(self, seq: Sequence, now: float) -> None:
+        if not seq.pending:
+            return
+        if seq.emitted_at < 0:
+            self.stats.first_token_seconds += now - seq.submitted_at
+        seq.emit(Delta.join(seq.pending))
+        seq.pending, seq.emitted_at = [], now
 
     def _finish(self, slot: Slot, reason: str, text: str, logprobs: tuple[TokenLogprob, ...]) -> None:
         seq = slot.seq
         assert seq is not None
         usage = Usage(len(seq.prompt), seq.generated, seq.cached)
         seq.pending.append(Delta(text + seq.text.flush(), finish_reason=reason, usage=usage, logprobs=logprobs))
-        self._flush(seq)
+        self._flush(seq, time.monotonic())
         seq.emit(END)
         self._release(slot, keep_cache=True)
 
@@ -498,7 +506,7 @@ class Scheduler:
             self.samplers.free(seq.sampler)
         for slot in self._slots:
             if slot.seq is not None:
-                self._flush(slot.seq)  # what it generated reaches the caller before the error
+                self._flush(slot.seq, time.monotonic())  # what it generated reaches the caller before the error
                 waiting.append(slot.seq)
                 self._release(slot, keep_cache=False)
         for seq in waiting:

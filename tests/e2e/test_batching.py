@@ -169,12 +169,18 @@ def test_more_prompts_than_parallel_stay_cached(app: ServeApp, batched: str) -> 
         assert answer.usage is not None
         return answer.usage
 
+    before = stats(app, "medium")
     for i in range(12):
         ask(i)
     assert stats(app, "medium")["prompt_cache_entries"] >= 11
     for i in (11, 0):  # from its slot, from host memory
         again = ask(i)
         assert again.prompt_tokens_details.cached_tokens == again.prompt_tokens - 1  # type: ignore[union-attr]
+    after = stats(app, "medium")
+    assert after["admitted"] - before["admitted"] == 14
+    # The engine's own clock: a slot came at once (nothing else ran), the first token after it.
+    queued, first_token = (after[k] - before[k] for k in ("queue_seconds", "first_token_seconds"))
+    assert 0 <= queued < first_token
 
 
 def test_a_burst_beyond_the_kv_pool_waits_and_none_fails(app: ServeApp, batched: str) -> None:
