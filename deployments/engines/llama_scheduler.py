@@ -120,6 +120,10 @@ class SchedulerStats:
         return {name: getattr(self, name) for name in self.__slots__}  # type: ignore[attr-defined]
 
 
+def _bytes_pointer(array: np.ndarray) -> Any:
+    return array.ctypes.data_as(ctypes.POINTER(ctypes.c_uint8))
+
+
 class Scheduler:
     """Owns a llama.cpp context on its own thread; ``submit`` and ``cancel`` are thread-safe."""
 
@@ -157,7 +161,8 @@ class Scheduler:
         )
         self._slots = [Slot(i) for i in range(parallel)]
         self._prompt_cache = PromptCache(prompt_cache_bytes)
-        self._waiting: deque[Sequence] = deque()
+        self._submitted: deque[Sequence] = deque()  # the event loop's side, under ``_wake``
+        self._waiting: deque[Sequence] = deque()  # the scheduler thread's own, in order
         self._wake = threading.Condition()
         self._stopping = False
         self.stats = SchedulerStats()
@@ -169,8 +174,8 @@ class Scheduler:
     def submit(self, seq: Sequence) -> None:
         seq.submitted_at = time.monotonic()
         with self._wake:
-            self._waiting.append(seq)
-            self.stats.waiting = len(self._waiting)
+            self._submitted.append(seq)
+            self.stats.waiting += 1
             self._wake.notify()
 
     def cancel(self, seq: Sequence) -> None:
@@ -207,15 +212,26 @@ class Scheduler:
                 self._samplers_pool.shutdown()
 
     def _next_step(self) -> bool:
-        """Wait for work, admit what fits; False once stopping."""
-        with self._wake:
-            while not self._stopping and not self._waiting and not self._running():
-                self._wake.wait()
-            if self._stopping:
-                return False
+        """Wait for work, admit what fits; False once stopping.
+
+        Admission runs outside the lock: restoring and stashing prompt caches takes milliseconds,
+        and ``submit`` on the event loop must never wait for it. What was submitted meanwhile (a
+        burst reaches the replica one request at a time through Serve) is admitted before the
+        step too, into the same batch, as llama-server's HTTP threads queue a burst for one step.
+        """
+        while True:
+            with self._wake:
+                while not self._stopping and not self._submitted and not self._waiting and not self._running():
+                    self._wake.wait()
+                if self._stopping:
+                    return False
+                self._waiting.extend(self._submitted)
+                self._submitted.clear()
             self._drop_cancelled()
-            self._admit()
-            self.stats.waiting, self.stats.running = len(self._waiting), len(self._running())
+            if not self._admit() or not self._submitted:
+                break
+        with self._wake:
+            self.stats.waiting, self.stats.running = len(self._waiting) + len(self._submitted), len(self._running())
         return True
 
     def _running(self) -> list[Slot]:
@@ -231,13 +247,15 @@ class Scheduler:
                     self.samplers.free(seq.sampler)
             self._waiting = deque(seq for seq in self._waiting if not seq.cancelled)
 
-    def _admit(self) -> None:
-        """Move waiting sequences (in order) into free slots while ``parallel`` and the KV budget allow."""
+    def _admit(self) -> bool:
+        """Move waiting sequences (in order) into free slots while ``parallel`` and the KV budget
+        allow; whether any was admitted."""
         admitted = False
         while self._waiting and len(self._running()) < self._parallel and self._admit_next():
             admitted = True
         if admitted and self._prompt_cache.limit_bytes:
             self._clear_idle_slots()
+        return admitted
 
     def _clear_idle_slots(self) -> None:
         """Move the caches of slots that run nothing to host memory, out of the pool.
@@ -335,8 +353,8 @@ class Scheduler:
         size = llama.llama_state_seq_get_size(ctx, slot.seq_id)
         if not self._prompt_cache.fits(size):
             return
-        state = (ctypes.c_uint8 * size)()
-        if llama.llama_state_seq_get_data(ctx, state, size, slot.seq_id) == size:
+        state = np.empty(size, np.uint8)  # not zeroed first: llama.cpp writes every byte
+        if llama.llama_state_seq_get_data(ctx, _bytes_pointer(state), size, slot.seq_id) == size:
             self._prompt_cache.put(CachedPrompt(tuple(slot.tokens), state))
 
     def _restore(self, slot: Slot, entry: CachedPrompt, keep: int) -> int:
@@ -345,7 +363,7 @@ class Scheduler:
         The entry leaves the prompt cache when the slot keeps most of it (the slot stashes it again
         when it is overwritten); otherwise it stays, and the slot's copy is trimmed.
         """
-        if not self._llama.llama_state_seq_set_data(self._ctx, entry.state, len(entry.state), slot.seq_id):
+        if not self._llama.llama_state_seq_set_data(self._ctx, _bytes_pointer(entry.state), len(entry.state), slot.seq_id):
             logger.warning("llama.cpp could not restore a cached prompt of %d tokens", len(entry.tokens))
             return 0  # prefilled instead
         slot.tokens = list(entry.tokens)
@@ -501,7 +519,8 @@ class Scheduler:
     def _end_all(self, error: BaseException | None) -> None:
         """End every sequence: with ``error``, or (stopping) without a final delta."""
         with self._wake:
-            waiting, self._waiting = list(self._waiting), deque()
+            waiting = [*self._waiting, *self._submitted]
+            self._waiting, self._submitted = deque(), deque()
         for seq in waiting:
             self.samplers.free(seq.sampler)
         for slot in self._slots:

@@ -11,10 +11,11 @@ than prefilling it again.
 
 from __future__ import annotations
 
-import ctypes
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
+
+import numpy as np
 
 
 def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
@@ -30,7 +31,7 @@ class CachedPrompt:
     """Tokens in position order and their sequence state, as ``llama_state_seq_get_data`` wrote it."""
 
     tokens: tuple[int, ...]
-    state: ctypes.Array[ctypes.c_uint8]
+    state: np.ndarray  # bytes
 
 
 class PromptCache:

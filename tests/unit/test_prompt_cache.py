@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import ctypes
+import numpy as np
 
 from deployments.engines.prompt_cache import CachedPrompt, PromptCache, common_prefix
 
 
 def entry(tokens: list[int], size: int = 10) -> CachedPrompt:
-    return CachedPrompt(tuple(tokens), (ctypes.c_uint8 * size)())
+    return CachedPrompt(tuple(tokens), np.empty(size, np.uint8))
 
 
 def test_common_prefix() -> None:
