@@ -20,7 +20,8 @@ same system prompt or the previous turn of a chat prefills only the rest. Once a
 admitted, or when the slot is about to lose most of what it holds, the prompt goes to host memory
 (:class:`PromptCache`, llama-server's ``--cache-ram`` and ``--cache-idle-slots``) and comes back
 into a slot for the request that continues it: the pool holds the running sequences' cells, the
-span every decode step attends over, while the prompts of many more users stay cached. The KV budget counts
+span every decode step attends over, while the prompts of many more users stay cached. The copy
+is made as soon as nothing runs, so admitting the next burst only frees the cells. The KV budget counts
 every running sequence at its full ``prompt + max_tokens``, so a running stream never runs out of
 cells and is never evicted; a request that does not fit waits.
 """
@@ -165,6 +166,7 @@ class Scheduler:
         self._waiting: deque[Sequence] = deque()  # the scheduler thread's own, in order
         self._wake = threading.Condition()
         self._stopping = False
+        self._idle_saved = True  # idle slots' prompts are in host memory since the last step
         self.stats = SchedulerStats()
         self._thread = threading.Thread(target=self._run, name="llama-scheduler", daemon=True)
         self._thread.start()
@@ -221,18 +223,38 @@ class Scheduler:
         """
         while True:
             with self._wake:
-                while not self._stopping and not self._submitted and not self._waiting and not self._running():
+                idle = self._idle()
+                while idle and self._idle_saved:
                     self._wake.wait()
+                    idle = self._idle()
                 if self._stopping:
                     return False
                 self._waiting.extend(self._submitted)
                 self._submitted.clear()
+            if idle:
+                self._save_idle_slots()
+                continue
             self._drop_cancelled()
             if not self._admit() or not self._submitted:
                 break
         with self._wake:
             self.stats.waiting, self.stats.running = len(self._waiting) + len(self._submitted), len(self._running())
         return True
+
+    def _idle(self) -> bool:
+        return not (self._stopping or self._submitted or self._waiting or self._running())
+
+    def _save_idle_slots(self) -> None:
+        """Copy the finished prompts that slots hold to host memory while nothing runs, slot by
+        slot until a request arrives: admission then only frees their cells (``_stash`` finds
+        them saved) instead of copying them while the next requests wait for their first token."""
+        for slot in self._slots:
+            if self._submitted:
+                return
+            if slot.tokens and self._prompt_cache.limit_bytes:
+                self._stash(slot)
+        self._idle_saved = True
+        self._count_caches()
 
     def _running(self) -> list[Slot]:
         return [slot for slot in self._slots if slot.seq is not None]
@@ -349,6 +371,8 @@ class Scheduler:
         self._trim(slot, keep)
 
     def _stash(self, slot: Slot) -> None:
+        if self._prompt_cache.touch(slot.tokens):
+            return  # saved while the engine was idle
         llama, ctx = self._llama, self._ctx
         size = llama.llama_state_seq_get_size(ctx, slot.seq_id)
         if not self._prompt_cache.fits(size):
@@ -363,7 +387,8 @@ class Scheduler:
         The entry leaves the prompt cache when the slot keeps most of it (the slot stashes it again
         when it is overwritten); otherwise it stays, and the slot's copy is trimmed.
         """
-        if not self._llama.llama_state_seq_set_data(self._ctx, _bytes_pointer(entry.state), len(entry.state), slot.seq_id):
+        state = _bytes_pointer(entry.state)
+        if not self._llama.llama_state_seq_set_data(self._ctx, state, len(entry.state), slot.seq_id):
             logger.warning("llama.cpp could not restore a cached prompt of %d tokens", len(entry.tokens))
             return 0  # prefilled instead
         slot.tokens = list(entry.tokens)
@@ -387,6 +412,7 @@ class Scheduler:
 
     def _step(self) -> None:
         started = time.perf_counter()
+        self._idle_saved = False
         llama, batch = self._llama, self._batch
         outputs: list[tuple[Slot, int]] = []  # slots sampled from this step's logits, at batch index
         n = 0
@@ -436,10 +462,13 @@ class Scheduler:
             if seq.pending and now - seq.emitted_at >= seq.interval_s:
                 self._flush(seq, now)
         self.stats.running = len(self._running())
+        self._count_caches()
+        self.stats.step_seconds += time.perf_counter() - started
+
+    def _count_caches(self) -> None:
         self.stats.kv_cache_usage_perc = sum(len(s.tokens) for s in self._slots) / self._kv_cells
         self.stats.prompt_cache_entries = len(self._prompt_cache)
         self.stats.prompt_cache_bytes = self._prompt_cache.bytes
-        self.stats.step_seconds += time.perf_counter() - started
 
     def _sample_tokens(self, outputs: list[tuple[Slot, int]]) -> list[int]:
         """Each sequence's next token from its sampler chain; several threads split a large batch.

@@ -59,6 +59,14 @@ class PromptCache:
         self._entries[entry.tokens] = entry
         self.bytes += len(entry.state)
 
+    def touch(self, tokens: Sequence[int]) -> bool:
+        """Whether an entry holds exactly ``tokens``; it becomes the most recently used."""
+        key = tuple(tokens)
+        if key not in self._entries:
+            return False
+        self._entries.move_to_end(key)
+        return True
+
     def longest_prefix(self, prompt: list[int]) -> tuple[CachedPrompt | None, int]:
         """The entry sharing the longest prefix with ``prompt``, and that length."""
         best, shared = None, 0

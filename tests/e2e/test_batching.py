@@ -157,8 +157,9 @@ def test_a_repeated_system_prompt_comes_from_the_cache(batched: str) -> None:
 
 def test_more_prompts_than_parallel_stay_cached(app: ServeApp, batched: str) -> None:
     """``medium`` has 8 slots; the prompts of 12 conversations all stay cached: the last one in its
-    slot, the others in host memory (an idle slot's prompt moves there when a new request is
-    admitted, llama-server's --cache-idle-slots), and come back from there."""
+    slot, the others in host memory (an idle slot's prompt is copied there while nothing runs and
+    leaves the pool when a new request is admitted, llama-server's --cache-idle-slots), and come
+    back from there."""
     client = openai.OpenAI(base_url=f"{batched}/v1", api_key="unused", max_retries=0, timeout=120)
 
     def ask(i: int) -> Any:

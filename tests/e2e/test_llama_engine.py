@@ -56,3 +56,27 @@ def test_the_engine_hands_a_fast_stream_over_once_per_interval_and_loses_nothing
     tokens = first.logprobs + last.logprobs
     assert len(tokens) == 64
     assert b"".join(t.token for t in tokens).decode(errors="replace") == first.text + last.text
+
+
+def test_an_idle_engine_saves_finished_prompts_to_host_memory_and_keeps_them_in_their_slots(models_dir: Path) -> None:
+    """Copied while nothing runs, not when the next requests are admitted and wait on the copy."""
+
+    async def run() -> tuple[int, int]:
+        config = GGUFModelConfig(name="m", path=models_dir / "tiny-llama-Q4_K_M.gguf", parallel=2, n_threads=1)
+        engine = LlamaCppEngine(config)
+        await engine.load()
+        try:
+            first = [delta async for delta in engine.generate(request(3))]
+            deadline = asyncio.get_running_loop().time() + 30
+            while engine.stats()["prompt_cache_entries"] < 1:  # no other request came
+                assert asyncio.get_running_loop().time() < deadline, engine.stats()
+                await asyncio.sleep(0.01)
+            again = [delta async for delta in engine.generate(request(3))]
+            usage = again[-1].usage
+            assert usage is not None and "".join(d.text for d in again) == "".join(d.text for d in first)
+            return usage.cached_tokens, usage.prompt_tokens
+        finally:
+            await engine.unload()
+
+    cached, prompt = asyncio.run(run())
+    assert cached == prompt - 1  # from its slot or from host memory: the whole prompt but the last token
