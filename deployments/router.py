@@ -62,8 +62,9 @@ def error_response(exc: BaseException) -> JSONResponse:
     return JSONResponse(error.to_body(), status_code=error.status_code, headers=error.headers())
 
 
-def _authenticate(request: Request) -> None:
-    """Require ``Authorization: Bearer <key>`` when the router has an API key."""
+async def _authenticate(request: Request) -> None:
+    """Require ``Authorization: Bearer <key>`` when the router has an API key (async: FastAPI
+    would run a plain function on its thread pool, a thread hop per request)."""
     key: str | None = getattr(request.app.state, "api_key", None)
     if key is None:
         return
