@@ -21,9 +21,10 @@ admitted, or when the slot is about to lose most of what it holds, the prompt go
 (:class:`PromptCache`, llama-server's ``--cache-ram`` and ``--cache-idle-slots``) and comes back
 into a slot for the request that continues it: the pool holds the running sequences' cells, the
 span every decode step attends over, while the prompts of many more users stay cached. The copy
-is made as soon as nothing runs, so admitting the next burst only frees the cells. The KV budget counts
-every running sequence at its full ``prompt + max_tokens``, so a running stream never runs out of
-cells and is never evicted; a request that does not fit waits.
+is made as soon as nothing runs, so admitting the next burst only frees the cells.
+
+The KV budget counts every running sequence at its full ``prompt + max_tokens``, so a running
+stream never runs out of cells and is never evicted; a request that does not fit waits.
 """
 
 from __future__ import annotations
