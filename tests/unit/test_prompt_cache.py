@@ -57,3 +57,12 @@ def test_a_taken_entry_leaves_the_cache() -> None:
     cache.put(kept)
     cache.take(kept)
     assert len(cache) == 0 and cache.bytes == 0
+
+
+def test_a_prompt_saved_already_is_found_and_kept_longest() -> None:
+    cache = PromptCache(25)
+    cache.put(entry([10, 1]))
+    cache.put(entry([20, 1]))
+    assert cache.touch([10, 1]) and not cache.touch([10]) and not cache.touch([10, 1, 2])
+    cache.put(entry([30, 1]))  # the budget holds two: the least recently used goes, not the touched one
+    assert cache.longest_prefix([10, 1])[1] == 2 and cache.longest_prefix([20, 1]) == (None, 0)
