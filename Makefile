@@ -32,9 +32,13 @@ GPU := $(shell nvidia-smi -L >/dev/null 2>&1 && echo yes)
 VISION_EXTRA := $(if $(GPU),vision-gpu,vision-cpu)
 CUDA_ONLY_WHEELS := torchvision torchaudio torchcodec
 
-# Environment of the Ray that `serve run`, the tests and the benchmarks start: deployments/constants.py
-# CLUSTER_ENV says why (tests/unit/test_cluster_files.py keeps this copy equal to it).
+# Environment of the Ray that `serve run`, the tests and the benchmarks start on this machine:
+# deployments/constants.py LOCAL_ENV says why (tests/unit/test_cluster_files.py keeps this copy equal to it).
 export RAY_SERVE_PROXY_USE_GRPC := 1
+export RAY_SERVE_ENABLE_DIRECT_INGRESS := 1
+export RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT := 30000
+export RAY_SERVE_PORT_QUARANTINE_S := 0
+export RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S := 1
 
 .PHONY: install models serve lint test bench clean
 

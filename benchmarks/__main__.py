@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--gpu", action="store_true", help="offload GGUF layers and run vLLM on one GPU each")
     parser.add_argument("--ray-address", help="an existing Ray cluster (default: start a local one)")
     parser.add_argument(
-        "--num-cpus", type=int, default=6, help="logical CPUs of the local Ray (what replicas reserve; not cores)"
+        "--num-cpus", type=int, default=8, help="logical CPUs of the local Ray (what replicas reserve; not cores)"
     )
     parser.add_argument("--port", type=int, default=8100, help="our HTTP port")
     parser.add_argument("--peer-port", type=int, default=8101)

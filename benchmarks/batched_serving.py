@@ -5,7 +5,12 @@ previous setup (2 replicas of ``parallel: 1``, two model copies, 1 CPU each) and
 ``llama_cpp.server`` (one sequence at a time). Concurrency 1, 4, 8, 16; the resident memory of
 each system's engine processes after its run.
 
-The three systems the targets compare are up together and take turns at every level, two rounds
+On a local Ray ours is measured twice, as two apps with their own replicas (no shared prompt
+caches): through the router's own port (direct ingress, ``constants.LOCAL_ENV``), which the
+targets use, and through Serve's HTTP proxy, the one address a cluster has. Our two-replica
+setup goes the way the targets' ours goes.
+
+The systems the targets compare are up together and take turns at every level, two rounds
 each (see :func:`interleaved_sweep`): single runs one after the other swung 10-30% with the
 machine, more than the differences measured. ``llama_cpp.server`` runs alone, once.
 """
@@ -23,6 +28,7 @@ NAME = "batched_serving"
 LEVELS = (1, 4, 8, 16)
 PARALLEL = 8
 OURS, PEER = f"ours (1 replica, parallel {PARALLEL})", f"llama-server -np {PARALLEL} -kvu"
+OURS_PROXY = f"{OURS} via Serve's proxy"
 TODAY, SERIAL = "ours (2 replicas, parallel 1)", "llama_cpp.server"
 TARGETS = {  # at c=8, as the issue sets them
     "throughput_vs_llama_server": 0.95,
@@ -42,16 +48,18 @@ def run(ctx: BenchContext) -> dict[str, Any]:
     # process (on AVX2 llama.cpp repacks most of them, 62 of this model's 87 MiB, into private
     # buffers, so replicas do not share them). RSS, beside it, is mostly each Ray worker's runtime.
     size_mib = round(batched.path.stat().st_size / 2**20, 1)
-    weights = {OURS: size_mib, PEER: size_mib, TODAY: 2 * size_mib, SERIAL: size_mib}
+    weights = {OURS: size_mib, OURS_PROXY: size_mib, PEER: size_mib, TODAY: 2 * size_mib, SERIAL: size_mib}
     memory: dict[str, float] = {}
 
-    def ours(label: str, model: Any, app: str) -> System:
+    direct = ctx.ours.direct_ingress
+
+    def ours(label: str, model: Any, app: str, via_proxy: bool = False) -> System:
         def rss(_: str) -> dict[str, Any]:
             memory[label] = process_tree_rss_mib(ctx.ours.replica_pids(model.name, app))
             info = ctx.ours.model_handle(model.name, app).info.remote().result()
             return {"engine_stats": info.engine_stats}  # one replica's: its prefix-cache hits, steps
 
-        return System(lambda: ctx.ours.app(ctx.app_config(model), app), after=rss)
+        return System(lambda: ctx.ours.app(ctx.app_config(model), app, direct and not via_proxy), after=rss)
 
     def peer_rss(label: str) -> Any:
         return lambda base_url: memory.__setitem__(label, process_tree_rss_mib([SERVER_PIDS[base_url]])) or {}
@@ -61,7 +69,8 @@ def run(ctx: BenchContext) -> dict[str, Any]:
             OURS: ours(OURS, batched, APP_NAME),
             PEER: System(lambda: llama_server(batched, ctx.peer_port), after=peer_rss(PEER)),
             TODAY: ours(TODAY, two, f"{APP_NAME}-two"),
-        },
+        }
+        | ({OURS_PROXY: ours(OURS_PROXY, batched, f"{APP_NAME}-proxy", via_proxy=True)} if direct else {}),
         workload,
         ctx.quick,
         LEVELS,
@@ -83,6 +92,21 @@ def run(ctx: BenchContext) -> dict[str, Any]:
         "ttft_p50_vs_two_replicas": ratio(at[OURS]["8"]["ttft_ms"]["p50"], at[TODAY]["8"]["ttft_ms"]["p50"]),
         "c1_throughput_vs_llama_server": ratio(at[OURS]["1"]["output_tok_s"], at[PEER]["1"]["output_tok_s"]),
         "model_memory_vs_two_replicas": ratio(weights[OURS], weights[TODAY]),
+        **(
+            {
+                "via_proxy_throughput_vs_llama_server": ratio(
+                    at[OURS_PROXY]["8"]["output_tok_s"], at[PEER]["8"]["output_tok_s"]
+                ),
+                "via_proxy_ttft_p50_vs_llama_server": ratio(
+                    at[OURS_PROXY]["8"]["ttft_ms"]["p50"], at[PEER]["8"]["ttft_ms"]["p50"]
+                ),
+                "via_proxy_c1_throughput_vs_llama_server": ratio(
+                    at[OURS_PROXY]["1"]["output_tok_s"], at[PEER]["1"]["output_tok_s"]
+                ),
+            }
+            if direct
+            else {}
+        ),
         "rss_vs_two_replicas": ratio(memory.get(OURS), memory.get(TODAY)),
     }
     truncated = sum(level["truncated"] + level["errors"] for level in at[OURS].values())
@@ -95,6 +119,7 @@ def run(ctx: BenchContext) -> dict[str, Any]:
     return {
         "comparison": f"Continuous batching: one llama.cpp context of {PARALLEL} sequences vs llama-server",
         "model": batched.path.name,
+        "ours_via": "the router's own port (direct ingress)" if direct else "Serve's HTTP proxy",
         "settings": {
             "parallel": PARALLEL,
             "n_threads": 2,

@@ -16,7 +16,7 @@ RESULTS_DIR = Path(__file__).parent / "results"
 
 
 def _bars(ax: Any, labels: list[str], values: list[float], title: str, unit: str) -> None:
-    bars = ax.bar(labels, values, color=["#999999", "#1f77b4", "#ff7f0e", "#2ca02c"][: len(values)])
+    bars = ax.bar(labels, values, color=["#999999", "#1f77b4", "#ff7f0e", "#2ca02c", "#9467bd"][: len(values)])
     ax.bar_label(bars, fmt="%.1f")
     ax.set_title(title)
     ax.set_ylabel(unit)

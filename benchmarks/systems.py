@@ -1,7 +1,8 @@
 """The systems under test, each started on this machine from the same model config.
 
-- :class:`OurStack`: this project on Ray Serve (HTTP proxy -> router -> model replica), one
-  Ray instance for the whole run, one app deployed per comparison.
+- :class:`OurStack`: this project on Ray Serve (HTTP proxy -> router -> model replica, or on a
+  local Ray the router's own port -> model replica), one Ray instance for the whole run, one app
+  deployed per comparison.
 - :func:`llama_cpp_server` / :func:`vllm_server`: the peers, as subprocesses, given the settings
   our engines derive from the same :class:`~deployments.config.ModelConfig`, so both sides run
   the same model with the same threads, context, KV cache and dtype.
@@ -26,7 +27,8 @@ from typing import Any
 import httpx
 
 from deployments.config import AppConfig, GGUFModelConfig, VisionModelConfig
-from deployments.constants import CLUSTER_ENV
+from deployments.constants import LOCAL_ENV
+from deployments.direct_ingress import direct_urls
 from deployments.engines.vision import VLLMEngine
 
 APP_NAME = "bench"  # served at /bench: beside an app already serving at / on a cluster
@@ -145,7 +147,8 @@ def vllm_server(model: VisionModelConfig, port: int, cache_dir: Path) -> Any:
 
 
 class OurStack:
-    """One local Ray instance (or an existing cluster) with Serve's HTTP proxy on ``port``."""
+    """One local Ray instance (or an existing cluster) with Serve's HTTP proxy on ``port``; on the
+    local one each app's router also serves on its own port (``constants.LOCAL_ENV``)."""
 
     def __init__(self, port: int, ray_address: str | None, num_cpus: int) -> None:
         self.port = port
@@ -159,23 +162,31 @@ class OurStack:
 
         if self._ray_address:  # a running cluster: its Serve proxy is already on `port`
             ray.init(address=self._ray_address, log_to_driver=False)
-        else:  # a cluster has CLUSTER_ENV from its `ray start`; a local Ray inherits ours
-            os.environ.update(CLUSTER_ENV)
+        else:  # a cluster has CLUSTER_ENV from its `ray start`; a local Ray inherits LOCAL_ENV
+            os.environ.update(LOCAL_ENV)
             ray.init(num_cpus=self._num_cpus, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
             serve.start(http_options={"host": "127.0.0.1", "port": self.port})
         self._started = True
 
+    @property
+    def direct_ingress(self) -> bool:
+        """Whether routers serve on their own ports: on the local Ray, not on a cluster's."""
+        return not self._ray_address
+
     @contextmanager
-    def app(self, config: AppConfig, name: str = APP_NAME) -> Iterator[str]:
-        """Deploy ``config`` as the app ``name`` (default ``bench``) at ``/<name>`` until the block ends."""
+    def app(self, config: AppConfig, name: str = APP_NAME, direct: bool = False) -> Iterator[str]:
+        """Deploy ``config`` as the app ``name`` (default ``bench``) at ``/<name>`` until the block
+        ends; yields its URL through Serve's proxy, or with ``direct`` its router's own."""
         from ray import serve
 
         from deployments.app import build_app
 
+        if direct and not self.direct_ingress:
+            raise ValueError("a cluster's routers serve only through Serve's proxy")
         if not self._started:
             self._start()
         serve.run(build_app(config), name=name, route_prefix=f"/{name}")
-        base_url = f"http://127.0.0.1:{self.port}/{name}"
+        base_url = direct_urls(name)[0] if direct else f"http://127.0.0.1:{self.port}/{name}"
         try:
             wait_until_ready(base_url, STARTUP_TIMEOUT_S)
             yield base_url

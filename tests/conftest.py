@@ -58,10 +58,10 @@ def ray_cluster() -> Iterator[RayCluster]:
     import ray
     from ray.cluster_utils import Cluster
 
-    from deployments.constants import CLUSTER_ENV
+    from deployments.constants import LOCAL_ENV
 
     metrics_ports = [free_port() for _ in range(3)]
-    os.environ.update(CLUSTER_ENV)  # every node's processes inherit it, Serve's proxy included
+    os.environ.update(LOCAL_ENV)  # every node's processes inherit it, Serve's proxy included
     cluster = Cluster(
         initialize_head=True,
         head_node_args={

@@ -17,6 +17,7 @@ from ray.serve.schema import ServeApplicationSchema, ServeDeploySchema
 
 from deployments.app import DEFAULT_APP_NAME, IMPORT_PATH
 from deployments.config import AppConfig
+from deployments.direct_ingress import direct_urls
 from tests.conftest import RayCluster, free_port, poll
 
 APP_NAME = DEFAULT_APP_NAME
@@ -67,6 +68,12 @@ class ServeApp:
     http_options: dict[str, Any]
     metrics_urls: list[str]
     apps: dict[str, AppConfig] = field(default_factory=dict)
+
+    @property
+    def direct_url(self) -> str:
+        """The main app's router on its own port (Serve's direct ingress, ``constants.LOCAL_ENV``)."""
+        (url,) = direct_urls(APP_NAME)
+        return url
 
     @property
     def openai(self) -> openai.OpenAI:
@@ -141,6 +148,12 @@ def app(ray_cluster: RayCluster, models_dir: Path) -> Iterator[ServeApp]:
 @pytest.fixture
 def client(app: ServeApp) -> openai.OpenAI:
     return app.openai
+
+
+@pytest.fixture(params=["proxy", "direct"])
+def ingress_url(request: pytest.FixtureRequest, app: ServeApp) -> str:
+    """The main app through Serve's HTTP proxy, and through its router's own port."""
+    return app.base_url if request.param == "proxy" else app.direct_url
 
 
 def chat(model: str = "tiny", content: str = "hello", **extra: Any) -> dict[str, Any]:

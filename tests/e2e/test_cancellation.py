@@ -28,8 +28,8 @@ def assert_engine_stops_and_serves_again(app: ServeApp, model: str = "medium") -
     assert response.status_code == 200
 
 
-def test_client_disconnect_mid_stream_stops_the_engine(app: ServeApp) -> None:
-    with httpx.Client(base_url=app.base_url, timeout=30) as http:
+def test_client_disconnect_mid_stream_stops_the_engine(app: ServeApp, ingress_url: str) -> None:
+    with httpx.Client(base_url=ingress_url, timeout=30) as http:
         with http.stream("POST", "/v1/chat/completions", json=chat("medium", stream=True, **LONG)) as response:
             lines = response.iter_lines()
             for line in lines:
@@ -45,10 +45,10 @@ def test_client_disconnect_mid_stream_stops_the_engine(app: ServeApp) -> None:
     assert_engine_stops_and_serves_again(app)
 
 
-def test_client_disconnect_on_a_non_streaming_request_stops_the_engine(app: ServeApp) -> None:
+def test_client_disconnect_on_a_non_streaming_request_stops_the_engine(app: ServeApp, ingress_url: str) -> None:
     def abandon() -> None:
         with pytest.raises(httpx.ReadTimeout):
-            httpx.post(f"{app.base_url}/v1/chat/completions", json=chat("medium", **LONG), timeout=1.0)
+            httpx.post(f"{ingress_url}/v1/chat/completions", json=chat("medium", **LONG), timeout=1.0)
 
     caller = threading.Thread(target=abandon)
     caller.start()

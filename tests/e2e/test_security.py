@@ -7,6 +7,7 @@ import openai
 import pytest
 
 from deployments.config import AppConfig
+from deployments.direct_ingress import direct_urls
 from tests.e2e.conftest import ServeApp, chat, e2e_config
 
 pytestmark = pytest.mark.e2e
@@ -18,14 +19,18 @@ def test_an_api_key_guards_every_route_but_healthz(app: ServeApp) -> None:
         "api_key_env": "NIKA_API_KEY",
         "deployment": {"ray_actor_options": {"num_cpus": 0.5, "runtime_env": {"env_vars": {"NIKA_API_KEY": "sekret"}}}},
     }
-    with app.side_app("secured", AppConfig.model_validate(base)) as base_url:
-        assert httpx.get(f"{base_url}/healthz").status_code == 200
-        for headers in ({}, {"authorization": "Bearer wrong"}, {"authorization": "Basic sekret"}):
-            response = httpx.get(f"{base_url}/v1/models", headers=headers)
-            assert response.status_code == 401
-            assert response.json()["error"]["type"] == "authentication_error"
-            assert httpx.post(f"{base_url}/v1/chat/completions", json=chat(), headers=headers).status_code == 401
-        client = openai.OpenAI(base_url=f"{base_url}/v1", api_key="sekret", max_retries=0)
-        assert client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=2)
-        with pytest.raises(openai.AuthenticationError):
-            openai.OpenAI(base_url=f"{base_url}/v1", api_key="nope", max_retries=0).models.list()
+    with app.side_app("secured", AppConfig.model_validate(base)) as proxied:
+        (direct,) = direct_urls("secured")  # the router's own port checks the key the same way
+        for base_url in (proxied, direct):
+            assert httpx.get(f"{base_url}/healthz").status_code == 200
+            for headers in ({}, {"authorization": "Bearer wrong"}, {"authorization": "Basic sekret"}):
+                response = httpx.get(f"{base_url}/v1/models", headers=headers)
+                assert response.status_code == 401
+                assert response.json()["error"]["type"] == "authentication_error"
+                assert httpx.post(f"{base_url}/v1/chat/completions", json=chat(), headers=headers).status_code == 401
+            client = openai.OpenAI(base_url=f"{base_url}/v1", api_key="sekret", max_retries=0)
+            assert client.chat.completions.create(
+                model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=2
+            )
+            with pytest.raises(openai.AuthenticationError):
+                openai.OpenAI(base_url=f"{base_url}/v1", api_key="nope", max_retries=0).models.list()

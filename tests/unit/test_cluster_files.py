@@ -8,7 +8,7 @@ import yaml
 
 from deployments.app import build_app
 from deployments.config import AppConfig, validate_serve_config
-from deployments.constants import CLUSTER_ENV
+from deployments.constants import CLUSTER_ENV, LOCAL_ENV
 
 ROOT = Path(__file__).resolve().parents[2]
 CLUSTER = ROOT / "cluster"
@@ -90,9 +90,10 @@ def test_local_by_default_and_a_key_wherever_the_network_can_reach() -> None:
     assert any(e["name"] == "NIKA_API_KEY" and "secretKeyRef" in e["valueFrom"] for e in env)
 
 
-def test_every_place_that_starts_ray_sets_the_cluster_env() -> None:
-    """Serve's proxy reads CLUSTER_ENV when its node starts: the Makefile (local Ray of `serve run`,
-    tests, benchmarks), every `ray start` of the ray up file and every RayService container."""
+def test_every_place_that_starts_ray_sets_its_env() -> None:
+    """Serve reads its environment when a node starts: LOCAL_ENV in the Makefile (local Ray of
+    `serve run`, tests, benchmarks), CLUSTER_ENV and nothing of direct ingress in every `ray start`
+    of the ray up file and every RayService container."""
     makefile = (ROOT / "Makefile").read_text()
     ray_up = load(CLUSTER / "ray-cluster.yaml")
     starts = [c for c in ray_up["head_start_ray_commands"] + ray_up["worker_start_ray_commands"] if "ray start" in c]
@@ -100,10 +101,13 @@ def test_every_place_that_starts_ray_sets_the_cluster_env() -> None:
     pods = [spec["headGroupSpec"], *spec["workerGroupSpecs"]]
     containers = [c for pod in pods for c in pod["template"]["spec"]["containers"]]
     assert len(starts) == 2 and len(containers) == 3
-    for name, value in CLUSTER_ENV.items():
+    for name, value in LOCAL_ENV.items():
         assert f"export {name} := {value}" in makefile
+    for name, value in CLUSTER_ENV.items():
         assert all(f"export {name}={value};" in command for command in starts)
         assert all({"name": name, "value": value} in container.get("env", []) for container in containers)
+    cluster_files = (CLUSTER / "ray-cluster.yaml").read_text() + (CLUSTER / "rayservice.yaml").read_text()
+    assert "DIRECT_INGRESS" not in cluster_files
 
 
 def test_resources_place_replicas_on_the_intended_nodes() -> None:
