@@ -16,7 +16,7 @@ RESULTS_DIR = Path(__file__).parent / "results"
 
 
 def _bars(ax: Any, labels: list[str], values: list[float], title: str, unit: str) -> None:
-    bars = ax.bar(labels, values, color=["#999999", "#1f77b4", "#ff7f0e", "#2ca02c", "#9467bd"][: len(values)])
+    bars = ax.bar(labels, values, color=["#999999", "#1f77b4", "#ff7f0e", "#2ca02c"][: len(values)])
     ax.bar_label(bars, fmt="%.1f")
     ax.set_title(title)
     ax.set_ylabel(unit)
@@ -95,18 +95,25 @@ def batched_serving(result: dict[str, Any], ax: list[Any]) -> None:
         ("ttft_ms", "p50", "time to first token, p50", "ms"),
         ("tpot_ms", "p50", "time per output token, p50", "ms"),
     ]
+    names = list(result["systems"])
     for a, (key, pick, title, unit) in zip(ax, panels, strict=False):
-        for name, system in result["systems"].items():
-            levels = system["concurrency"]
+        for i, name in enumerate(names):
+            levels = result["systems"][name]["concurrency"]
             values = [levels[k][key] if pick is None else (levels[k][key] or {}).get(pick) for k in levels]
-            a.plot([int(k) for k in levels], values, marker="o", label=name)
+            a.plot([int(k) for k in levels], values, marker="o", color=f"C{i}", label=name)
         a.set_title(title)
         a.set_ylabel(unit)
         a.set_xlabel("concurrency")
+    ax[1].set_yscale("log")  # tens of ms at c=4 and c=8 beside tens of seconds for one sequence at a time
     ax[0].legend(fontsize=7)
     memory = result["memory_rss_mib"]
-    _bars(ax[3], [n.replace(" (", "\n(") for n in memory], list(memory.values()), "engine memory (RSS)", "MiB")
-    ax[3].tick_params(axis="x", labelsize=6)
+    shown = [n for n in names if n in memory]
+    bars = ax[3].barh(shown, [memory[n] for n in shown], color=[f"C{names.index(n)}" for n in shown])
+    ax[3].bar_label(bars, fmt="%.0f")
+    ax[3].invert_yaxis()
+    ax[3].tick_params(axis="y", labelsize=7)
+    ax[3].set_title("engine memory (RSS)")
+    ax[3].set_xlabel("MiB")
 
 
 def structured_output(result: dict[str, Any], ax: list[Any]) -> None:
