@@ -1,9 +1,10 @@
-"""Comparison 1: stack overhead. Our full path (HTTP -> proxy -> router -> handle -> llama.cpp
-replica) against llama-cpp-python streaming in this process, same model, prompts and settings,
-one request at a time.
+"""Comparison 1: stack overhead. Our full path (HTTP -> router -> handle -> llama.cpp replica; on
+a local Ray through the router's own port, and again through Serve's proxy as a second app with
+its own replica) against llama-cpp-python streaming in this process, same model, prompts and
+settings, one request at a time. The targets use the first.
 
-The two run interleaved, prompt by prompt (raw, then ours, on the same prompt, with Ray up for
-both), so each pair sees the same machine: on a shared VM the speed drifts between runs by more
+They run interleaved, prompt by prompt (raw, then ours, on the same prompt, with Ray up for
+all), so each pair sees the same machine: on a shared VM the speed drifts between runs by more
 than the stack adds. Stream throughput is decode speed as the client sees it: tokens after the
 first over the time from the first token to the last (1 / TPOT). Added TTFT is the median over
 prompts of ours minus raw on the same prompt: TTFT is mostly prompt processing, which varies by
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from contextlib import ExitStack
 from typing import Any
 
 import httpx
@@ -23,10 +25,11 @@ from tqdm import tqdm
 from benchmarks.context import BenchContext
 from benchmarks.loadgen import REQUEST_TIMEOUT_S, RequestResult, stream_chat
 from benchmarks.stats import summarize
-from benchmarks.systems import gguf_threads
+from benchmarks.systems import APP_NAME, gguf_threads
 from benchmarks.workloads import SAMPLING, Workload, prompts
 
 NAME = "overhead"
+RAW, OURS, OURS_PROXY = "raw llama-cpp-python", "ours", "ours via Serve's proxy"
 TARGET_THROUGHPUT_RATIO = 0.97
 TARGET_ADDED_TTFT_MS = 5.0
 
@@ -83,19 +86,23 @@ def run_raw(model: Any, workload: Workload, n_threads: int, seed: int) -> tuple[
     return results, wall
 
 
-async def interleaved(
-    base_url: str, raw: RawLlama, workload: Workload
-) -> tuple[list[RequestResult], list[RequestResult]]:
-    """Each prompt on the raw engine, then through our stack; both warmed up first."""
-    raw_results, ours_results = [], []
-    async with httpx.AsyncClient(base_url=base_url, timeout=REQUEST_TIMEOUT_S) as client:
+async def interleaved(base_urls: dict[str, str], raw: RawLlama, workload: Workload) -> dict[str, list[RequestResult]]:
+    """Each prompt on the raw engine, then through each of our URLs; all warmed up first."""
+    results: dict[str, list[RequestResult]] = {RAW: [], **{label: [] for label in base_urls}}
+    clients = {label: httpx.AsyncClient(base_url=url, timeout=REQUEST_TIMEOUT_S) for label, url in base_urls.items()}
+    try:
         await asyncio.to_thread(raw.stream, workload, workload.warmup().prompts[0])
-        await stream_chat(client, workload.warmup().payloads()[0])
+        for client in clients.values():
+            await stream_chat(client, workload.warmup().payloads()[0])
         pairs = zip(workload.prompts, workload.payloads(), strict=True)
-        for prompt, payload in tqdm(pairs, total=len(workload.prompts), desc="raw, then ours", unit="prompt"):
-            raw_results.append(await asyncio.to_thread(raw.stream, workload, prompt))
-            ours_results.append(await stream_chat(client, payload))
-    return raw_results, ours_results
+        for i, (prompt, payload) in enumerate(tqdm(pairs, total=len(workload.prompts), desc="raw, then ours")):
+            results[RAW].append(await asyncio.to_thread(raw.stream, workload, prompt))
+            for label in list(clients)[:: -1 if i % 2 else 1]:  # our two paths take turns going first
+                results[label].append(await stream_chat(clients[label], payload))
+    finally:
+        for client in clients.values():
+            await client.aclose()
+    return results
 
 
 def paired_added_ttft_ms(raw: list[RequestResult], ours: list[RequestResult]) -> float:
@@ -113,34 +120,43 @@ def stream_tok_s(summary: dict[str, Any]) -> float:
 def run(ctx: BenchContext) -> dict[str, Any]:
     model = ctx.gguf_model(replicas=1)
     workload = Workload(model.name, prompts(8 if ctx.quick else 16, seed=1))
-    with ctx.ours.app(ctx.app_config(model)) as base_url:
+    direct = ctx.ours.direct_ingress
+    with ExitStack() as stack:
+        urls = {OURS: stack.enter_context(ctx.ours.app(ctx.app_config(model), direct=direct))}
+        if direct:
+            urls[OURS_PROXY] = stack.enter_context(ctx.ours.app(ctx.app_config(model), f"{APP_NAME}-proxy"))
         raw_engine = RawLlama(model, gguf_threads(model), SAMPLING["seed"])
         try:
-            raw_results, ours_results = asyncio.run(interleaved(base_url, raw_engine, workload))
+            results = asyncio.run(interleaved(urls, raw_engine, workload))
         finally:
             raw_engine.close()
     # Each system's wall time is the sum of its own requests (they never overlap).
-    raw, ours = (
-        summarize(results, sum(r.e2e or 0.0 for r in results), workload.max_tokens)
-        for results in (raw_results, ours_results)
-    )
-    throughput_ratio = stream_tok_s(ours) / stream_tok_s(raw)
-    added_ttft_ms = paired_added_ttft_ms(raw_results, ours_results)
+    systems = {
+        label: summarize(rs, sum(r.e2e or 0.0 for r in rs), workload.max_tokens) for label, rs in results.items()
+    }
+    raw = systems[RAW]
+
+    def ratios(label: str) -> dict[str, float]:
+        summary = systems[label]
+        return {
+            "stream_throughput_ratio": round(stream_tok_s(summary) / stream_tok_s(raw), 4),
+            "e2e_throughput_ratio": round(summary["output_tok_s"] / raw["output_tok_s"], 4),
+            "added_ttft_p50_ms": round(paired_added_ttft_ms(results[RAW], results[label]), 3),
+            "ttft_p50_difference_ms": round(summary["ttft_ms"]["p50"] - raw["ttft_ms"]["p50"], 3),
+            "added_tpot_p50_ms": round(summary["tpot_ms"]["p50"] - raw["tpot_ms"]["p50"], 3),
+        }
+
+    ours_ratios = ratios(OURS)
     return {
         "comparison": "stack overhead vs raw llama-cpp-python (concurrency 1, interleaved)",
         "model": model.path.name,
+        "ours_via": "the router's own port (direct ingress)" if direct else "Serve's HTTP proxy",
         "settings": {"n_threads": gguf_threads(model), "max_tokens": workload.max_tokens, **SAMPLING},
-        "systems": {"raw llama-cpp-python": raw, "ours": ours},
-        "ratios": {
-            "stream_throughput_ratio": round(throughput_ratio, 4),
-            "e2e_throughput_ratio": round(ours["output_tok_s"] / raw["output_tok_s"], 4),
-            "added_ttft_p50_ms": round(added_ttft_ms, 3),
-            "ttft_p50_difference_ms": round(ours["ttft_ms"]["p50"] - raw["ttft_ms"]["p50"], 3),
-            "added_tpot_p50_ms": round(ours["tpot_ms"]["p50"] - raw["tpot_ms"]["p50"], 3),
-        },
+        "systems": systems,
+        "ratios": ours_ratios | ({f"via_proxy_{k}": v for k, v in ratios(OURS_PROXY).items()} if direct else {}),
         "targets": {
-            "stream_throughput_ratio >= 0.97": bool(throughput_ratio >= TARGET_THROUGHPUT_RATIO),
-            "added_ttft_p50_ms <= 5": bool(added_ttft_ms <= TARGET_ADDED_TTFT_MS),
+            "stream_throughput_ratio >= 0.97": ours_ratios["stream_throughput_ratio"] >= TARGET_THROUGHPUT_RATIO,
+            "added_ttft_p50_ms <= 5": ours_ratios["added_ttft_p50_ms"] <= TARGET_ADDED_TTFT_MS,
         },
-        "stream_tok_s": {"raw llama-cpp-python": round(stream_tok_s(raw), 2), "ours": round(stream_tok_s(ours), 2)},
+        "stream_tok_s": {label: round(stream_tok_s(summary), 2) for label, summary in systems.items()},
     }
