@@ -23,11 +23,14 @@ from deployments.constants import DIRECT_INGRESS_PORT
 SCAN_PORTS = 64  # one port per router replica on this machine, plus those still draining
 
 
-def direct_urls(app: str = DEFAULT_APP_NAME, host: str = "127.0.0.1") -> list[str]:
-    """Base URLs (route prefix included) of ``app``'s routers that serve on their own port; empty
+def direct_urls(
+    app: str = DEFAULT_APP_NAME, host: str = "127.0.0.1", first_port: int = DIRECT_INGRESS_PORT
+) -> list[str]:
+    """Base URLs (route prefix included) of ``app``'s routers that serve on their own port, from
+    ``first_port`` (a Ray started with another RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT); empty
     without direct ingress. A closed port costs a refused connect, so scanning is instant."""
     urls = []
-    for port in range(DIRECT_INGRESS_PORT, DIRECT_INGRESS_PORT + SCAN_PORTS):
+    for port in range(first_port, first_port + SCAN_PORTS):
         try:
             with urllib.request.urlopen(f"http://{host}:{port}/-/routes", timeout=2) as response:
                 routes = json.loads(response.read())
@@ -42,10 +45,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("app", nargs="?", default=DEFAULT_APP_NAME, help="Serve application name")
     parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--first-port", type=int, default=DIRECT_INGRESS_PORT)
     args = parser.parse_args()
-    urls = direct_urls(args.app, args.host)
+    urls = direct_urls(args.app, args.host, args.first_port)
     if not urls:
-        raise SystemExit(f"no router of app {args.app!r} serves on its own port (ports {DIRECT_INGRESS_PORT}+)")
+        raise SystemExit(f"no router of app {args.app!r} serves on its own port (ports {args.first_port}+)")
     print("\n".join(urls))
 
 

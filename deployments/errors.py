@@ -135,6 +135,15 @@ class Cancelled(ServeError):
     default_code = "cancelled"
 
 
+def classified_exceptions() -> tuple[type[Exception], ...]:
+    """The exception types :func:`as_serve_error` classifies by type: expected answers (4xx, 503,
+    a cancelled or lost replica), not failures of the server."""
+    from ray import exceptions as ray_exceptions
+    from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, RequestCancelledError
+
+    return ServeError, BackPressureError, DeploymentUnavailableError, RequestCancelledError, ray_exceptions.RayError
+
+
 def as_serve_error(exc: BaseException) -> ServeError:
     """Classify any exception raised on a request path into the taxonomy.
 

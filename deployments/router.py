@@ -31,6 +31,7 @@ from deployments.errors import (
     Unauthorized,
     UnsupportedMediaType,
     as_serve_error,
+    classified_exceptions,
 )
 from deployments.metrics import router_metrics
 from deployments.protocol import SSE_DONE, ChatCompletionRequest, CompletionRequest, EmbeddingRequest, sse_event
@@ -41,18 +42,31 @@ logger = logging.getLogger("ray.serve")
 api = FastAPI(title="nika-serve", description="OpenAI-compatible chat for local GGUF and vision models")
 
 
-@api.exception_handler(Exception)
 async def _any_error(_: Request, exc: Exception) -> JSONResponse:
     """Every error a route raises, ours or not, leaves as one OpenAI-shaped body."""
     return error_response(exc)
 
 
-@api.exception_handler(HTTPException)
 async def _http_error(request: Request, exc: HTTPException) -> JSONResponse:
     """Starlette's own errors (no such route, wrong method) in the same shape, with their status."""
     code = "not_found" if exc.status_code == 404 else f"http_{exc.status_code}"
     body = InvalidRequest(f"{request.method} {request.url.path}: {exc.detail}", code=code).to_body()
     return JSONResponse(body, exc.status_code, headers=exc.headers)
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    """Answer every error in the taxonomy's shape. Starlette sends the response of a handler for
+    ``Exception`` and then re-raises the error for the server to log, so behind that handler alone
+    Serve's replica and proxy logged every 4xx as a failed request, traceback and all. The errors
+    the taxonomy classifies are answers: their handlers run in Starlette's exception middleware,
+    which does not re-raise. Only unexpected ones (500, logged by ``as_serve_error``) still are."""
+    app.add_exception_handler(Exception, _any_error)
+    for cls in classified_exceptions():
+        app.add_exception_handler(cls, _any_error)
+    app.add_exception_handler(HTTPException, _http_error)
+
+
+install_error_handlers(api)
 
 
 def error_response(exc: BaseException) -> JSONResponse:

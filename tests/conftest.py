@@ -18,6 +18,9 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 MODELS = ROOT / "models"
+# Where the test Ray's routers take their own ports: above `make serve`'s 30000, so that the
+# suite runs beside a served app without finding its routers.
+DIRECT_INGRESS_PORT = 30500
 
 
 @pytest.fixture(scope="session")
@@ -61,7 +64,8 @@ def ray_cluster() -> Iterator[RayCluster]:
     from deployments.constants import LOCAL_ENV
 
     metrics_ports = [free_port() for _ in range(3)]
-    os.environ.update(LOCAL_ENV)  # every node's processes inherit it, Serve's proxy included
+    # Every node's processes inherit it, Serve's proxy included.
+    os.environ.update(LOCAL_ENV | {"RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT": str(DIRECT_INGRESS_PORT)})
     cluster = Cluster(
         initialize_head=True,
         head_node_args={

@@ -18,7 +18,7 @@ from ray.serve.schema import ServeApplicationSchema, ServeDeploySchema
 from deployments.app import DEFAULT_APP_NAME, IMPORT_PATH
 from deployments.config import AppConfig
 from deployments.direct_ingress import direct_urls
-from tests.conftest import RayCluster, free_port, poll
+from tests.conftest import DIRECT_INGRESS_PORT, RayCluster, free_port, poll
 
 APP_NAME = DEFAULT_APP_NAME
 DEPLOY_TIMEOUT_S = 600  # two vLLM engines and two llama.cpp models on 2 cores: ~170 s here, slower machines 2-3x
@@ -58,6 +58,12 @@ def e2e_config(
     )
 
 
+def router_url(app: str) -> str:
+    """The URL of app ``app``'s one router on its own port, in this session's Ray."""
+    (url,) = direct_urls(app, first_port=DIRECT_INGRESS_PORT)
+    return url
+
+
 @dataclass
 class ServeApp:
     """The session's Serve instance: the main app at ``/``, and side apps tests add for a while."""
@@ -72,8 +78,7 @@ class ServeApp:
     @property
     def direct_url(self) -> str:
         """The main app's router on its own port (Serve's direct ingress, ``constants.LOCAL_ENV``)."""
-        (url,) = direct_urls(APP_NAME)
-        return url
+        return router_url(APP_NAME)
 
     @property
     def openai(self) -> openai.OpenAI:

@@ -12,8 +12,7 @@ from urllib.parse import urlsplit
 import openai
 import pytest
 
-from deployments.constants import DIRECT_INGRESS_PORT
-from tests.conftest import ROOT
+from tests.conftest import DIRECT_INGRESS_PORT, ROOT
 from tests.e2e.conftest import APP_NAME, ServeApp
 
 pytestmark = pytest.mark.e2e
@@ -50,7 +49,7 @@ def test_the_router_serves_the_same_api_on_its_own_port(app: ServeApp) -> None:
 
 def test_the_cli_prints_the_router_url(app: ServeApp) -> None:
     printed = subprocess.run(
-        [sys.executable, "-m", "deployments.direct_ingress", APP_NAME],
+        [sys.executable, "-m", "deployments.direct_ingress", APP_NAME, "--first-port", str(DIRECT_INGRESS_PORT)],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -59,6 +58,12 @@ def test_the_cli_prints_the_router_url(app: ServeApp) -> None:
     )
     assert printed.stdout.split() == [app.direct_url]
     missing = subprocess.run(
-        [sys.executable, "-m", "deployments.direct_ingress", "no-such-app"], cwd=ROOT, capture_output=True, text=True
+        [sys.executable, "-m", "deployments.direct_ingress", "no-such-app", "--first-port", str(DIRECT_INGRESS_PORT)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
     )
-    assert missing.returncode != 0 and "no router of app 'no-such-app'" in missing.stderr
+    assert (
+        missing.returncode != 0
+        and f"no router of app 'no-such-app' serves on its own port (ports {DIRECT_INGRESS_PORT}+)" in missing.stderr
+    )

@@ -7,8 +7,7 @@ import openai
 import pytest
 
 from deployments.config import AppConfig
-from deployments.direct_ingress import direct_urls
-from tests.e2e.conftest import ServeApp, chat, e2e_config
+from tests.e2e.conftest import ServeApp, chat, e2e_config, router_url
 
 pytestmark = pytest.mark.e2e
 
@@ -20,8 +19,7 @@ def test_an_api_key_guards_every_route_but_healthz(app: ServeApp) -> None:
         "deployment": {"ray_actor_options": {"num_cpus": 0.5, "runtime_env": {"env_vars": {"NIKA_API_KEY": "sekret"}}}},
     }
     with app.side_app("secured", AppConfig.model_validate(base)) as proxied:
-        (direct,) = direct_urls("secured")  # the router's own port checks the key the same way
-        for base_url in (proxied, direct):
+        for base_url in (proxied, router_url("secured")):  # the router's own port checks the key the same way
             assert httpx.get(f"{base_url}/healthz").status_code == 200
             for headers in ({}, {"authorization": "Bearer wrong"}, {"authorization": "Basic sekret"}):
                 response = httpx.get(f"{base_url}/v1/models", headers=headers)
