@@ -44,13 +44,16 @@ class RawLlama:
     def __init__(self, model: Any, n_threads: int, seed: int) -> None:
         import llama_cpp
 
+        from deployments.engines import llama_log
+
+        llama_log.install()  # llama.cpp's log to logging; verbose=False would dup2 /dev/null over fds 1 and 2
         self.llm = llama_cpp.Llama(
             model_path=str(model.path),
             n_ctx=model.context_size,
             n_threads=n_threads,
             n_threads_batch=n_threads,
             seed=seed,
-            verbose=False,
+            verbose=True,  # its Python prints (metadata, a line per request) go to stderr: the bench's log
         )
 
     def stream(self, workload: Workload, prompt: str) -> RequestResult:

@@ -143,9 +143,10 @@ def write_f16(spec: LlamaSpec, path: Path) -> Path:
 def quantize(source: Path, target: Path, quantization: str) -> Path:
     """Quantize with llama.cpp's own quantizer (``llama_model_quantize``)."""
     import llama_cpp
-    from llama_cpp._logger import set_verbose
 
-    set_verbose(False)  # llama.cpp logs every tensor it converts; keep errors only
+    from deployments.engines import llama_log
+
+    llama_log.install()  # llama.cpp logs every tensor it converts: at DEBUG
 
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{quantization}")

@@ -20,6 +20,7 @@ from typing import Any
 import gguf
 
 from deployments.config import GGUFModelConfig
+from deployments.engines import llama_log
 from deployments.engines.base import Delta, Embeddings, Engine, GenerationRequest, ModelFacts
 from deployments.engines.llama_embedding import POOLING, SEQUENCES_PER_BATCH, Embedder
 from deployments.engines.llama_scheduler import END, Scheduler, Sequence
@@ -109,15 +110,14 @@ class LlamaCppEngine(Engine):
     def _load_blocking(self) -> None:
         import llama_cpp
         from llama_cpp._internals import LlamaContext, LlamaModel
-        from llama_cpp._logger import set_verbose
         from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
-        set_verbose(False)  # llama.cpp's own log: errors only (what Llama(verbose=False) does)
+        llama_log.install()
         cfg = self.config
         model_params = llama_cpp.llama_model_default_params()
         model_params.n_gpu_layers = 0x7FFFFFFF if cfg.gpu_layers == -1 else cfg.gpu_layers
-        try:
-            model = LlamaModel(path_model=str(cfg.path), params=model_params, verbose=False)
+        try:  # verbose=False would dup2 /dev/null over fds 1 and 2 (engines.llama_log says why not)
+            model = LlamaModel(path_model=str(cfg.path), params=model_params, verbose=True)
         except ValueError as exc:  # llama-cpp-python's only signal for a file it cannot load
             raise ModelLoadFailed(f"failed to load {cfg.path.name}: {exc}") from exc
         template = model.metadata().get("tokenizer.chat_template")
@@ -141,7 +141,7 @@ class LlamaCppEngine(Engine):
             params.n_batch = params.n_ubatch = cfg.batch_tokens
             params.n_seq_max = cfg.parallel
         try:
-            context = LlamaContext(model=model, params=params, verbose=False)
+            context = LlamaContext(model=model, params=params)
         except ValueError as exc:
             model.close()
             raise ModelLoadFailed(f"llama.cpp could not create a context for {cfg.path.name}: {exc}") from exc
