@@ -20,7 +20,11 @@ logger = logging.getLogger("ray.serve.llama_cpp")
 
 # enum ggml_log_level, as the vendored ggml.h numbers it (llama-cpp-python's _logger.py uses an
 # older numbering, under which its set_verbose(False) prints warnings and hides errors).
-GGML_LOG_LEVEL_DEBUG, GGML_LOG_LEVEL_INFO, GGML_LOG_LEVEL_WARN, GGML_LOG_LEVEL_ERROR, GGML_LOG_LEVEL_CONT = 1, 2, 3, 4, 5
+GGML_LOG_LEVEL_DEBUG = 1
+GGML_LOG_LEVEL_INFO = 2
+GGML_LOG_LEVEL_WARN = 3
+GGML_LOG_LEVEL_ERROR = 4
+GGML_LOG_LEVEL_CONT = 5  # continues the previous message
 LEVELS = {
     GGML_LOG_LEVEL_DEBUG: logging.DEBUG,
     GGML_LOG_LEVEL_INFO: logging.DEBUG,
