@@ -15,8 +15,9 @@ LLAMA_CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON
 LLAMA_BUILD_ID := $(LLAMA_VERSION)-$(shell echo '$(LLAMA_CMAKE_ARGS)' | sha1sum | cut -c1-10)
 LLAMA_WHEEL_DIR := $(CACHE_DIR)/wheels/llama-cpp-python-$(LLAMA_BUILD_ID)
 LLAMA_WHEEL := $(LLAMA_WHEEL_DIR)/.built
-# The benchmarks' peer: llama.cpp's own server, from the llama.cpp sources vendored in the same
-# llama-cpp-python sdist, with the same flags, so both sides run the same kernels.
+# The benchmarks' peers: llama.cpp's own server (and llama-batched-bench beside it), from the
+# llama.cpp sources vendored in the same llama-cpp-python sdist, with the same flags, so both
+# sides run the same kernels.
 LLAMA_SERVER := $(CACHE_DIR)/llama-server-$(LLAMA_BUILD_ID)/bin/llama-server
 INSTALLED := $(VENV)/.installed
 DEMO_MODELS := models/tiny-llama-Q4_K_M.gguf models/medium-llama-Q4_K_M.gguf models/tiny-embed-Q8_0.gguf \
@@ -59,8 +60,8 @@ $(LLAMA_SERVER):
 	cmake -S $(@D)/../src/llama_cpp_python-$(LLAMA_VERSION)/vendor/llama.cpp -B $(@D)/../build -DCMAKE_BUILD_TYPE=Release \
 		$(LLAMA_CMAKE_ARGS) -DLLAMA_CURL=OFF -DLLAMA_OPENSSL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF \
 		-DLLAMA_BUILD_SERVER=ON -DBUILD_SHARED_LIBS=OFF
-	cmake --build $(@D)/../build --target llama-server -j $$(nproc)
-	mkdir -p $(@D) && cp $(@D)/../build/bin/llama-server $@
+	cmake --build $(@D)/../build --target llama-server llama-batched-bench -j $$(nproc)
+	mkdir -p $(@D) && cp $(@D)/../build/bin/llama-batched-bench $(@D)/ && cp $(@D)/../build/bin/llama-server $@
 	rm -rf $(@D)/../src $(@D)/../build
 
 $(INSTALLED): pyproject.toml $(LLAMA_WHEEL)

@@ -139,6 +139,47 @@ def structured_output(result: dict[str, Any], ax: list[Any]) -> None:
     ax[0].legend(fontsize=7)
 
 
+def gpu_engine(result: dict[str, Any], ax: list[Any]) -> None:
+    """Tokens/s and TTFT by concurrency for every stage that ran, and where ours spent its time."""
+    staged = {name: v["result"] for name, v in result.items() if isinstance(v, dict) and v.get("result")}
+    bench = staged.pop("batched_bench", {})
+    for i, (name, levels) in enumerate(staged.items()):
+        c = [k for k in levels if k.isdigit()]
+        ax[0].plot([int(k) for k in c], [levels[k]["output_tok_s"] for k in c], marker="o", color=f"C{i}", label=name)
+        ttft = [(levels[k].get("ttft_ms") or {}).get("p50") for k in c]
+        ax[1].plot([int(k) for k in c], ttft, marker="o", color=f"C{i}", label=name)
+    for layout, style in (("unified", ":"), ("streams", "--")):
+        levels = bench.get(layout) or {}
+        if isinstance(levels, dict) and levels and "skipped" not in levels:
+            values = [levels[k]["with_prefill_tok_s"] for k in levels]
+            ax[0].plot([int(k) for k in levels], values, "k" + style, label=f"batched-bench {layout}, with prefill")
+    ax[0].set_title("output tokens/s")
+    ax[1].set_title("time to first token, p50")
+    ax[1].set_yscale("log")
+    ax[1].set_ylabel("ms")
+    ax[0].legend(fontsize=6)
+    ours = staged.get("ours") or {}
+    c = [k for k in ours if k.isdigit()]
+    parts = {"decode": [], "host (sampling, emitting)": [], "admission": [], "outside steps": []}
+    for k in c:
+        level = ours[k]
+        in_steps, decode = level["in_steps_share"], level["decode_ms"] / max(level["step_ms"], 1e-9)
+        parts["decode"].append(in_steps * decode)
+        parts["host (sampling, emitting)"].append(in_steps * (1 - decode))
+        parts["admission"].append(level["admit_share"])
+        parts["outside steps"].append(max(0.0, 1 - in_steps - level["admit_share"]))
+    bottom = [0.0] * len(c)
+    for i, (label, values) in enumerate(parts.items()):
+        ax[2].bar(c, values, bottom=bottom, label=label, color=f"C{i}")
+        bottom = [b + v for b, v in zip(bottom, values, strict=True)]
+    ax[2].set_title("ours: share of wall time")
+    ax[2].legend(fontsize=6)
+    for a in ax:
+        a.set_xlabel("concurrent streams")
+    fig_note = result.get("device", "")
+    ax[0].set_ylabel(f"tokens/s ({fig_note})" if fig_note else "tokens/s")
+
+
 PLOTS = {
     "overhead": (overhead, 2),
     "gguf_serving": (_sweep, 3),
@@ -147,6 +188,7 @@ PLOTS = {
     "vision_serving": (_sweep, 3),
     "deadline_accuracy": (deadline_accuracy, 1),
     "cancellation": (cancellation, 1),
+    "gpu_engine": (gpu_engine, 3),
 }
 
 

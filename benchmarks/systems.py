@@ -7,7 +7,8 @@
   our engines derive from the same :class:`~deployments.config.ModelConfig`, so both sides run
   the same model with the same threads, context, KV cache and dtype.
 
-Ray is imported only where our stack needs it: the peers also run on machines without it.
+Ray is imported only where our stack needs it: the peers also run on machines without it (the
+GPU machine of ``benchmarks.gpu_engine`` has none).
 """
 
 from __future__ import annotations
@@ -28,7 +29,6 @@ import httpx
 
 from deployments.config import AppConfig, GGUFModelConfig, VisionModelConfig
 from deployments.constants import LOCAL_ENV
-from deployments.direct_ingress import direct_urls
 from deployments.engines.vision import VLLMEngine
 
 APP_NAME = "bench"  # served at /bench: beside an app already serving at / on a cluster
@@ -104,21 +104,23 @@ def llama_cpp_server(model: GGUFModelConfig, port: int, interrupt_requests: bool
     return server_process(name, command, port)
 
 
-def llama_server(model: GGUFModelConfig, port: int) -> Any:
+def llama_server(model: GGUFModelConfig, port: int, backend_sampling: bool = False) -> Any:
     """llama.cpp's own ``llama-server`` (built by ``make bench`` from our wheel's sources and flags)
-    with our replica's sequences, threads, KV pool and batch size."""
+    with our replica's sequences, KV layout, threads and batch size; ``backend_sampling`` samples
+    in the decode graph (its ``--backend-sampling``, off by default)."""
     binary = os.environ.get("LLAMA_SERVER")
     if not binary:
         raise RuntimeError("LLAMA_SERVER is not set: run the benchmarks with `make bench`, which builds it")
     threads = str(gguf_threads(model))
     command = [
         binary, "--model", str(model.path), "--host", "127.0.0.1", "--port", str(port),
-        "--parallel", str(model.parallel), "--kv-unified", "--ctx-size", str(model.kv_cache_tokens),
-        "--threads", threads, "--threads-batch", threads,
+        "--parallel", str(model.parallel), "--kv-unified" if model.kv_unified else "--no-kv-unified",
+        "--ctx-size", str(model.kv_cache_tokens), "--threads", threads, "--threads-batch", threads,
         "--batch-size", str(model.batch_tokens), "--ubatch-size", str(model.batch_tokens),
-        "--n-gpu-layers", str(model.gpu_layers), "--no-webui",
+        "--n-gpu-layers", str(model.gpu_layers), "--no-webui", *(["--backend-sampling"] if backend_sampling else []),
     ]  # fmt: skip
-    return server_process("llama_server", command, port)
+    name = "llama_server" + ("_backend_sampling" if backend_sampling else "")
+    return server_process(name, command, port)
 
 
 def process_tree_rss_mib(pids: list[int]) -> float:
@@ -180,6 +182,7 @@ class OurStack:
         from ray import serve
 
         from deployments.app import build_app
+        from deployments.direct_ingress import direct_urls
 
         if direct and not self.direct_ingress:
             raise ValueError("a cluster's routers serve only through Serve's proxy")

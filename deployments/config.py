@@ -209,14 +209,28 @@ class GGUFModelConfig(ModelConfigBase):
     )
     kv_cache_tokens: PositiveInt | None = Field(
         default=None,
-        description="KV-cache cells shared by all sequences of a replica (default: context_size x parallel); "
-        "a finished sequence's cells stay in its slot as a prefix cache until the next request is admitted.",
+        description="KV-cache cells of a replica (default: context_size x parallel); a finished sequence's cells "
+        "stay in its slot as a prefix cache until the slot is needed.",
+    )
+    kv_unified: bool | None = Field(
+        default=None,
+        description="One KV pool that all sequences share (true), or a stream of context_size cells per sequence "
+        "(false; llama-server's default for --parallel): each sequence attends over its own cells only, and a "
+        "finished prompt left in its slot slows nobody. Default: a stream per sequence, unless kv_cache_tokens is "
+        "below context_size x parallel, which only a shared pool can oversubscribe.",
+    )
+    backend_sampling: bool | None = Field(
+        default=None,
+        description="Sample inside llama.cpp's decode graph wherever a request's sampler chain allows it (no "
+        "grammar, no logprobs): only token ids come back from the device. Default: on when layers are offloaded "
+        "to a GPU.",
     )
     prompt_cache_mib: NonNegativeInt = Field(
         default=C.DEFAULT_PROMPT_CACHE_MIB,
-        description="Host memory for finished prompts' KV state (llama-server's --cache-ram): idle slots' prompts "
-        "move there when a request is admitted, and one that a request continues comes back instead of being "
-        "prefilled again; 0 keeps finished prompts in their slots, in the KV pool.",
+        description="Host memory for finished prompts' KV state (llama-server's --cache-ram): a slot's prompt moves "
+        "there before the slot is overwritten (in a unified pool, as soon as another request is admitted), and one "
+        "that a request continues comes back instead of being prefilled again; 0 keeps finished prompts in their "
+        "slots only.",
     )
     embeddings: bool = Field(
         default=False,
@@ -242,10 +256,18 @@ class GGUFModelConfig(ModelConfigBase):
 
     @model_validator(mode="after")
     def _kv_pool(self) -> GGUFModelConfig:
+        every_context = self.context_size * self.parallel
         if self.kv_cache_tokens is None:
-            object.__setattr__(self, "kv_cache_tokens", self.context_size * self.parallel)
+            object.__setattr__(self, "kv_cache_tokens", every_context)
         elif self.kv_cache_tokens < self.context_size:
             raise ValueError(f"kv_cache_tokens={self.kv_cache_tokens} must hold one context ({self.context_size})")
+        if self.kv_unified is None:
+            object.__setattr__(self, "kv_unified", self.kv_cache_tokens < every_context)
+        elif not self.kv_unified and self.kv_cache_tokens < every_context:
+            raise ValueError(
+                f"kv_unified=false gives each of the {self.parallel} sequences its own {self.context_size} cells: "
+                f"kv_cache_tokens={self.kv_cache_tokens} must be at least {every_context}, or leave kv_unified unset"
+            )
         return self
 
     @field_validator("path")

@@ -130,16 +130,24 @@ class LlamaCppEngine(Engine):
         threads = cfg.n_threads or _assigned_cpus()
         params = llama_cpp.llama_context_default_params()
         params.n_threads = params.n_threads_batch = threads
-        params.kv_unified = True  # one pool: any sequence may use any cell, up to context_size
-        if cfg.embeddings:  # inputs of up to context_size tokens, several per batch
+        if cfg.embeddings:  # inputs of up to context_size tokens, several per batch, in one pool
             params.n_ctx = params.n_batch = params.n_ubatch = cfg.context_size
             params.n_seq_max = SEQUENCES_PER_BATCH
+            params.kv_unified = True
             params.embeddings = True
             params.pooling_type = POOLING[cfg.pooling]
         else:
-            params.n_ctx = cfg.kv_cache_tokens
+            params.kv_unified = cfg.kv_unified
+            # A stream per sequence holds n_ctx / n_seq_max cells, which llama.cpp rounds up to 256.
+            per_sequence = -(-cfg.kv_cache_tokens // cfg.parallel // 256) * 256
+            params.n_ctx = cfg.kv_cache_tokens if cfg.kv_unified else per_sequence * cfg.parallel
             params.n_batch = params.n_ubatch = cfg.batch_tokens
             params.n_seq_max = cfg.parallel
+            # The scheduler samples at most one output per sequence a step: logits (and backend
+            # sampling's buffers) for `parallel` outputs instead of n_batch; penalties can then
+            # run in the graph, and the graph's dist sampler needs no draw bookkeeping.
+            params.n_outputs_max = cfg.parallel
+            params.n_outputs_max_per_seq = 1
         try:
             context = LlamaContext(model=model, params=params)
         except ValueError as exc:
@@ -154,15 +162,20 @@ class LlamaCppEngine(Engine):
             bos_token=model.token_get_text(model.token_bos()),
             eos_token=model.token_get_text(model.token_eos()),
         )
+        backend_sampling = cfg.backend_sampling
+        if backend_sampling is None:
+            backend_sampling = cfg.gpu_layers != 0 and llama_cpp.llama_supports_gpu_offload()
         self._scheduler = Scheduler(
             llama_cpp,
             context.ctx,
             model.vocab,
             parallel=cfg.parallel,
             n_batch=cfg.batch_tokens,
-            kv_cells=cfg.kv_cache_tokens,
+            kv_cells=llama_cpp.llama_n_ctx(context.ctx),
             prompt_cache_bytes=cfg.prompt_cache_mib * 2**20,
             threads=threads,
+            streams=not cfg.kv_unified,
+            backend_sampling=backend_sampling,
         )
 
     async def unload(self) -> None:

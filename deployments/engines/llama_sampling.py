@@ -43,6 +43,17 @@ class Samplers:
         self._n_vocab = llama.llama_vocab_n_tokens(vocab)
         self._eog = sorted(eog)
 
+    @staticmethod
+    def offloadable(s: SamplingParams) -> bool:
+        """Whether llama.cpp can run ``s``'s whole chain inside the decode graph (backend sampling).
+
+        The vendored llama.cpp offloads logit bias, penalties (with one output per sequence a
+        step, as the scheduler decodes), top-k, top-p, min-p, temperature, greedy and dist. A
+        grammar runs on the host only, and logprobs need the raw logits, which llama.cpp does not
+        return for a step whose outputs were all sampled in the graph.
+        """
+        return s.json_output is None and s.logprobs is None
+
     def chain(self, s: SamplingParams, seed: int) -> Any:
         """The chain in llama.cpp's own order; raises :class:`InvalidRequest` for what the model rejects."""
         llama = self._llama

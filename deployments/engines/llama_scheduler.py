@@ -4,27 +4,37 @@ Shaped like llama.cpp's own server (``tools/server``: a slot per sequence, one u
 One thread owns the llama.cpp context. Each step it
 
 1. drops cancelled sequences (their KV cells are freed at once) and admits waiting ones into
-   free slots while the KV budget allows, reusing the longest cached prefix of a free slot or
-   of the prompt cache in host memory;
-2. builds one batch: the next token of every generating sequence first, then prompt chunks of
-   the prefilling ones up to ``n_batch`` tokens, so a long prompt delays running streams by
-   at most one chunk per step;
+   free slots while the KV budget allows, reusing the longest cached prefix of a slot or of the
+   prompt cache in host memory;
+2. builds one batch: the next token of every generating sequence, and prompt chunks of the
+   prefilling ones in the room left up to ``n_batch`` tokens, so a long prompt delays running
+   streams by at most one chunk per step;
 3. decodes it with one ``llama_decode``;
-4. samples each sequence that has logits through its own sampler chain (on up to ``threads``
-   threads at once: the C sampler gives up the GIL, and the CPUs are idle between decodes),
-   then detokenizes, matches stop strings, and hands the deltas to the event loop: at once
-   for a first token or an ending, else at most once per ``stream_interval_s`` per sequence.
+4. samples each sequence that has logits through its own sampler chain: inside the decode
+   graph where the chain allows it (``backend_sampling``: only token ids come back), else on up
+   to ``threads`` threads at once (the C sampler gives up the GIL, and the CPUs are idle between
+   decodes); then detokenizes, matches stop strings, and hands the deltas to the event loop: at
+   once for a first token or an ending, else at most once per ``stream_interval_s`` per sequence.
+
+The KV cells are laid out one of two ways (``streams``). With a stream per sequence (llama.cpp's
+``kv_unified=false``, llama-server's default for ``-np``) each slot owns ``context_size`` cells,
+contiguous, and each sequence attends over its own cells only; llama.cpp decodes a run of
+consecutive sequence ids in one pass, so a new request takes the lowest free slot and the running
+ones stay one run, and a cached prefix held by another slot is copied over (a device copy). With
+one unified pool (for a pool smaller than ``context_size x parallel``), any sequence may use any
+cell, and every decode attends over the pool's used span.
 
 A slot whose sequence finished keeps its KV cells as a prefix cache: a later request with the
-same system prompt or the previous turn of a chat prefills only the rest. Once another request is
-admitted, or when the slot is about to lose most of what it holds, the prompt goes to host memory
-(:class:`PromptCache`, llama-server's ``--cache-ram`` and ``--cache-idle-slots``) and comes back
-into a slot for the request that continues it: the pool holds the running sequences' cells, the
-span every decode step attends over, while the prompts of many more users stay cached. The copy
-is made as soon as nothing runs, so admitting the next burst only frees the cells.
+same system prompt or the previous turn of a chat prefills only the rest. When the slot is about
+to lose most of what it holds, the prompt goes to host memory (:class:`PromptCache`,
+llama-server's ``--cache-ram``) and comes back into a slot for the request that continues it;
+the copy is made ahead while nothing runs, so admitting the next burst mostly only frees cells.
+In a unified pool finished prompts also leave the pool once another request is admitted
+(``--cache-idle-slots``): there they would lengthen the span every running stream attends over.
 
-The KV budget counts every running sequence at its full ``prompt + max_tokens``, so a running
-stream never runs out of cells and is never evicted; a request that does not fit waits.
+In a unified pool the KV budget counts every running sequence at its full ``prompt +
+max_tokens``, so a running stream never runs out of cells and is never evicted; a request that
+does not fit waits.
 """
 
 from __future__ import annotations
@@ -54,6 +64,7 @@ END = object()  # the stream ends (after a final Delta, or early: the caller say
 # A cache is reused when it holds at least this share of the prompt (llama-server's
 # --slot-prompt-similarity default); a smaller overlap goes to the least recently used slot.
 MIN_PREFIX_SIMILARITY = 0.1
+LLAMA_TOKEN_NULL = -1  # llama_get_sampled_token_ith: no token was sampled in the graph
 
 
 @dataclass(eq=False, slots=True)
@@ -74,6 +85,7 @@ class Sequence:
     cached: int = 0  # of which reused from a slot's cache
     generated: int = 0
     next_token: int = -1  # sampled, not yet decoded
+    on_backend: bool = False  # its chain runs in the decode graph (backend sampling)
     pending: list[Delta] = field(default_factory=list)  # generated, not yet emitted
     submitted_at: float = 0.0
     emitted_at: float = float("-inf")
@@ -96,6 +108,10 @@ class Slot:
     tokens: list[int] = field(default_factory=list)
     seq: Sequence | None = None
     last_used: float = 0.0
+    # The chain llama.cpp samples this seq id with in the decode graph: a finished sequence's
+    # stays attached (and alive) until the next one replaces it, since every change of the
+    # context's samplers costs a graph reserve at the next decode.
+    sampler: Any = None
 
 
 @dataclass(slots=True)
@@ -117,6 +133,24 @@ class SchedulerStats:
     steps: int = 0
     step_seconds: float = 0.0  # in steps, all told
     decode_seconds: float = 0.0  # of which in llama_decode; the rest is the host's share of a step
+    # Passes over the weights llama.cpp made for those steps (its ubatches): one a step in a
+    # unified pool; with a stream per sequence, one per run of consecutive sequence ids, and
+    # prompt chunks take passes of their own (llama_batch_allocr::split_equal).
+    passes: int = 0
+    idle_seconds: float = 0.0  # waiting for work with nothing to run
+    # Admission runs between steps: running streams wait for it.
+    admit_seconds: float = 0.0
+    admission_kv_copies: int = 0  # saves and restores made while admitting (the others while idle)
+    kv_saves: int = 0  # prompts' KV state copied to host memory (the prompt cache)
+    kv_save_bytes: int = 0
+    kv_save_seconds: float = 0.0
+    kv_restores: int = 0  # and copied back into a slot
+    kv_restore_bytes: int = 0
+    kv_restore_seconds: float = 0.0
+    kv_stream_copies: int = 0  # a slot's stream copied into another's (a cached prefix, on the device)
+    sampler_changes: int = 0  # chains attached to or detached from the decode graph (each: a graph reserve)
+    backend_sampled: int = 0  # tokens sampled in the decode graph
+    host_sampled: int = 0  # tokens sampled on the host from the logits
 
     def as_dict(self) -> dict[str, float]:
         return {name: getattr(self, name) for name in self.__slots__}  # type: ignore[attr-defined]
@@ -124,6 +158,28 @@ class SchedulerStats:
 
 def _bytes_pointer(array: np.ndarray) -> Any:
     return array.ctypes.data_as(ctypes.POINTER(ctypes.c_uint8))
+
+
+def stream_passes(batch: dict[int, int], n_ubatch: int) -> int:
+    """The ubatches llama.cpp splits a batch into with a KV stream per sequence.
+
+    ``batch`` maps each sequence id to its tokens, in batch order. ``split_equal`` in sequential
+    mode (the KV views span consecutive streams) takes, for each ubatch, the sequences with tokens
+    left whose ids run on from the first one's, and the same number of tokens from each.
+    """
+    left = dict(batch)
+    passes = 0
+    while True:
+        run: list[int] = []
+        for seq_id, n in left.items():
+            if n and (not run or seq_id == run[-1] + 1):
+                run.append(seq_id)
+        if not run:
+            return passes
+        take = max(1, min(min(left[s] for s in run), n_ubatch // len(run)))
+        for seq_id in run:
+            left[seq_id] -= take
+        passes += 1
 
 
 class Scheduler:
@@ -140,6 +196,8 @@ class Scheduler:
         kv_cells: int,
         prompt_cache_bytes: int,
         threads: int = 1,
+        streams: bool = False,
+        backend_sampling: bool = False,
     ) -> None:
         self._llama = llama  # the llama_cpp module: C functions called per step
         self._ctx = ctx
@@ -155,6 +213,8 @@ class Scheduler:
         self._pieces = [self._token_bytes(t, buffer) for t in range(self._n_vocab)]
         self._n_batch = n_batch
         self._kv_cells = kv_cells
+        self._streams = streams
+        self._backend_sampling = backend_sampling
         self._batch = llama.llama_batch_init(n_batch, 0, 1)
         self._parallel = parallel
         self._threads = min(threads, parallel)
@@ -168,6 +228,9 @@ class Scheduler:
         self._wake = threading.Condition()
         self._stopping = False
         self._idle_saved = True  # idle slots' prompts are in host memory since the last step
+        # Slots whose stream a pending copy reads (at the next decode): nothing may write their
+        # buffers before it, so they take no request until then.
+        self._copy_sources: set[int] = set()
         self.stats = SchedulerStats()
         self._thread = threading.Thread(target=self._run, name="llama-scheduler", daemon=True)
         self._thread.start()
@@ -210,6 +273,8 @@ class Scheduler:
             error = InferenceFailed(f"llama.cpp failed while generating ({type(exc).__name__})")
         finally:
             self._end_all(error)
+            for slot in self._slots:
+                self._attach(slot, None)
             self._llama.llama_batch_free(self._batch)
             if self._samplers_pool is not None:
                 self._samplers_pool.shutdown()
@@ -225,9 +290,12 @@ class Scheduler:
         while True:
             with self._wake:
                 idle = self._idle()
-                while idle and self._idle_saved:
-                    self._wake.wait()
-                    idle = self._idle()
+                if idle and self._idle_saved:
+                    waiting = time.perf_counter()
+                    while idle and self._idle_saved:
+                        self._wake.wait()
+                        idle = self._idle()
+                    self.stats.idle_seconds += time.perf_counter() - waiting
                 if self._stopping:
                     return False
                 self._waiting.extend(self._submitted)
@@ -273,20 +341,24 @@ class Scheduler:
     def _admit(self) -> bool:
         """Move waiting sequences (in order) into free slots while ``parallel`` and the KV budget
         allow; whether any was admitted."""
+        started, copies = time.perf_counter(), self.stats.kv_saves + self.stats.kv_restores
         admitted = False
         while self._waiting and len(self._running()) < self._parallel and self._admit_next():
             admitted = True
-        if admitted and self._prompt_cache.limit_bytes:
+        if admitted and self._prompt_cache.limit_bytes and not self._streams:
             self._clear_idle_slots()
+        self.stats.admission_kv_copies += self.stats.kv_saves + self.stats.kv_restores - copies
+        self.stats.admit_seconds += time.perf_counter() - started
         return admitted
 
     def _clear_idle_slots(self) -> None:
-        """Move the caches of slots that run nothing to host memory, out of the pool.
+        """Move the caches of slots that run nothing to host memory, out of the unified pool.
 
         llama-server's ``--cache-idle-slots``: in a unified pool every decode visits the used span
         of cells, so a finished prompt left there slows each running stream (measured on the
         medium model, one stream at a time: 14.4 ms a token with 8 finished prompts, 3200 cells,
-        left in the pool, 11.8 ms with them in host memory).
+        left in the pool, 11.8 ms with them in host memory). With a stream per sequence an idle
+        slot's cells cost the others nothing: they stay until the slot is needed.
         """
         for slot in self._slots:
             if slot.seq is None and slot.tokens:
@@ -294,36 +366,38 @@ class Scheduler:
 
     def _admit_next(self) -> bool:
         """Admit the first waiting sequence; False if it must wait."""
-        free = [slot for slot in self._slots if slot.seq is None]
+        free = [slot for slot in self._slots if slot.seq is None and slot.seq_id not in self._copy_sources]
+        if not free:
+            return False
         seq = self._waiting[0]
-        slot = self._pick_slot(free, seq.prompt)
+        # With a stream per sequence, the lowest free slot: the running ones stay one run of ids.
+        slot = free[0] if self._streams else self._pick_slot(free, seq.prompt)
         # At least one prompt token is decoded again, for the logits of the first sampled token.
         usable = len(seq.prompt) - 1
         own = min(common_prefix(slot.tokens, seq.prompt), usable)
         stored, restorable = self._prompt_cache.longest_prefix(seq.prompt)
-        if restorable < MIN_PREFIX_SIMILARITY * len(seq.prompt):
-            restorable = 0
-        reuse = max(own, min(restorable, usable))
-        donor, shared = self._donor(seq)
-        if donor is not None and shared > reuse and len(donor.tokens) < shared:
-            if shared - reuse >= len(seq.prompt) // 2:
+        restorable = min(restorable, usable) if restorable >= MIN_PREFIX_SIMILARITY * len(seq.prompt) else 0
+        donor, shared = self._donor(seq, slot)
+        if donor is not None and shared > max(own, restorable) and len(donor.tokens) < shared:
+            if shared - max(own, restorable) >= len(seq.prompt) // 2:
                 return False  # mostly the prompt of a sequence still prefilling (n choices): wait for its cells
             shared = len(donor.tokens)
         if not self._fits(seq, slot):
             return False  # it waits for running sequences to finish
         self._waiting.popleft()
-        if donor is not None and shared > reuse:  # share a running sequence's cells, computed once
+        reuse = max(own, shared, restorable)
+        if reuse > own:  # the longest prefix is elsewhere: in another slot's cells, else in host memory
             self._overwrite(slot, 0)
-            self._llama.llama_memory_seq_cp(self._memory, donor.seq_id, slot.seq_id, 0, shared)
-            slot.tokens = donor.tokens[:shared]
-            reuse = shared
-        elif reuse > own:
-            assert stored is not None
-            self._overwrite(slot, 0)
-            reuse = self._restore(slot, stored, reuse)
+            if donor is not None and shared == reuse:
+                self._copy(donor, slot, shared)
+            else:
+                assert stored is not None
+                reuse = self._restore(slot, stored, reuse)
         self._overwrite(slot, reuse)
         seq.prefilled = seq.cached = reuse
         slot.seq = seq
+        self._attach(slot, seq.sampler if self._backend_sampling and Samplers.offloadable(seq.sampling) else None)
+        seq.on_backend = slot.sampler is not None
         self.stats.prefix_cache_queries += len(seq.prompt)
         self.stats.prefix_cache_hits += reuse
         self.stats.admitted += 1
@@ -340,15 +414,46 @@ class Scheduler:
             return best
         return min(free, key=lambda s: s.last_used)
 
-    def _donor(self, seq: Sequence) -> tuple[Slot | None, int]:
-        """The running slot whose prompt shares the longest prefix with ``seq``'s, and its length."""
+    def _donor(self, seq: Sequence, target: Slot) -> tuple[Slot | None, int]:
+        """The other slot whose prompt shares the longest prefix with ``seq``'s, and its length.
+
+        In a unified pool, running slots (their cells are shared, not copied; a free slot's own
+        cache is reused by choosing that slot). With a stream per sequence, any slot that holds
+        at least a tenth of the prompt: its whole stream is copied on the device.
+        """
         best, shared = None, 0
         for slot in self._slots:
-            if slot.seq is not None:
-                n = min(common_prefix(slot.seq.prompt, seq.prompt), len(seq.prompt) - 1)
-                if n > shared:
-                    best, shared = slot, n
+            if slot is target or not (slot.seq is not None or self._streams):
+                continue
+            n = min(common_prefix(slot.seq.prompt if slot.seq else slot.tokens, seq.prompt), len(seq.prompt) - 1)
+            if n > shared:
+                best, shared = slot, n
+        if self._streams and shared < MIN_PREFIX_SIMILARITY * len(seq.prompt):
+            return None, 0
         return best, shared
+
+    def _copy(self, donor: Slot, slot: Slot, n: int) -> None:
+        """Give the emptied ``slot`` the first ``n`` cells of ``donor``."""
+        if self._streams:  # llama.cpp copies only whole streams, at the next decode, before its batch
+            self._llama.llama_memory_seq_cp(self._memory, donor.seq_id, slot.seq_id, -1, -1)
+            self._llama.llama_memory_seq_rm(self._memory, slot.seq_id, n, -1)
+            self._copy_sources.add(donor.seq_id)
+            self.stats.kv_stream_copies += 1
+        else:  # the same cells, now also the slot's
+            self._llama.llama_memory_seq_cp(self._memory, donor.seq_id, slot.seq_id, 0, n)
+        slot.tokens = donor.tokens[:n]
+
+    def _attach(self, slot: Slot, chain: Any) -> None:
+        """Sample ``slot``'s seq id in the decode graph with ``chain`` (None: on the host from the
+        logits); frees the chain it replaces, which belonged to a finished sequence."""
+        previous = slot.sampler
+        if chain is None and previous is None:
+            return
+        attached = self._llama.llama_set_sampler(self._ctx, slot.seq_id, chain)
+        slot.sampler = chain if attached and chain is not None else None
+        self.stats.sampler_changes += 1
+        if previous is not None:
+            self.samplers.free(previous)
 
     def _committed(self) -> int:
         """KV cells held by caches plus the most that running sequences may still take."""
@@ -356,6 +461,8 @@ class Scheduler:
 
     def _fits(self, seq: Sequence, slot: Slot) -> bool:
         """Whether ``seq`` fits in ``slot``; moves other free slots' caches out of the pool if needed."""
+        if self._streams:
+            return True  # the slot's own stream holds context_size cells, which bounds every request
         need = self._committed() - len(slot.tokens) + seq.budget
         for other in sorted(self._slots, key=lambda s: s.last_used):
             if need <= self._kv_cells:
@@ -375,12 +482,16 @@ class Scheduler:
         if self._prompt_cache.touch(slot.tokens):
             return  # saved while the engine was idle
         llama, ctx = self._llama, self._ctx
+        started = time.perf_counter()
         size = llama.llama_state_seq_get_size(ctx, slot.seq_id)
         if not self._prompt_cache.fits(size):
             return
         state = np.empty(size, np.uint8)  # not zeroed first: llama.cpp writes every byte
         if llama.llama_state_seq_get_data(ctx, _bytes_pointer(state), size, slot.seq_id) == size:
             self._prompt_cache.put(CachedPrompt(tuple(slot.tokens), state))
+        self.stats.kv_saves += 1
+        self.stats.kv_save_bytes += size
+        self.stats.kv_save_seconds += time.perf_counter() - started
 
     def _restore(self, slot: Slot, entry: CachedPrompt, keep: int) -> int:
         """Copy ``entry`` into the empty ``slot`` and keep its first ``keep`` cells; the cells kept.
@@ -388,8 +499,14 @@ class Scheduler:
         The entry leaves the prompt cache when the slot keeps most of it (the slot stashes it again
         when it is overwritten); otherwise it stays, and the slot's copy is trimmed.
         """
-        state = _bytes_pointer(entry.state)
-        if not self._llama.llama_state_seq_set_data(self._ctx, state, len(entry.state), slot.seq_id):
+        started = time.perf_counter()
+        restored = self._llama.llama_state_seq_set_data(
+            self._ctx, _bytes_pointer(entry.state), len(entry.state), slot.seq_id
+        )
+        self.stats.kv_restores += 1
+        self.stats.kv_restore_bytes += len(entry.state)
+        self.stats.kv_restore_seconds += time.perf_counter() - started
+        if not restored:
             logger.warning("llama.cpp could not restore a cached prompt of %d tokens", len(entry.tokens))
             return 0  # prefilled instead
         slot.tokens = list(entry.tokens)
@@ -406,7 +523,8 @@ class Scheduler:
     def _release(self, slot: Slot, keep_cache: bool) -> None:
         seq = slot.seq
         assert seq is not None
-        self.samplers.free(seq.sampler)
+        if seq.sampler is not slot.sampler:  # an attached chain lives until the slot's next one
+            self.samplers.free(seq.sampler)
         slot.seq, slot.last_used = None, time.monotonic()
         if not keep_cache:
             self._trim(slot, 0)
@@ -416,10 +534,12 @@ class Scheduler:
         self._idle_saved = False
         llama, batch = self._llama, self._batch
         outputs: list[tuple[Slot, int]] = []  # slots sampled from this step's logits, at batch index
+        per_sequence: dict[int, int] = {}  # tokens of each seq id, in batch order
         n = 0
 
         def add(slot: Slot, token: int, logits: bool) -> None:
             nonlocal n
+            per_sequence[slot.seq_id] = per_sequence.get(slot.seq_id, 0) + 1
             batch.token[n] = token
             batch.pos[n] = len(slot.tokens)
             batch.n_seq_id[n] = 1
@@ -431,15 +551,18 @@ class Scheduler:
             n += 1
 
         running = self._running()
-        for slot in running:  # generating: one token each
+        # Generating sequences take one token each, prefilling ones prompt chunks in the room left;
+        # laid out in seq id order, as llama.cpp's passes take runs of consecutive ids.
+        room = self._n_batch - sum(1 for slot in running if slot.seq.prefilled == len(slot.seq.prompt))
+        for slot in running:
             seq = slot.seq
             assert seq is not None
             if seq.prefilled == len(seq.prompt):
                 add(slot, seq.next_token, True)
-        for slot in running:  # prefilling: prompt chunks in the room left
-            seq = slot.seq
-            assert seq is not None
-            while seq.prefilled < len(seq.prompt) and n < self._n_batch:
+                continue
+            chunk = min(room, len(seq.prompt) - seq.prefilled)
+            room -= chunk
+            for _ in range(chunk):
                 seq.prefilled += 1
                 add(slot, seq.prompt[seq.prefilled - 1], seq.prefilled == len(seq.prompt))
         if not n:
@@ -450,8 +573,10 @@ class Scheduler:
         if status != 0:
             raise RuntimeError(f"llama_decode returned {status}")
         llama.llama_synchronize(self._ctx)  # a GPU decodes asynchronously: its time counts here
+        self._copy_sources.clear()
         self.stats.decode_seconds += time.perf_counter() - decoding
         self.stats.steps += 1
+        self.stats.passes += stream_passes(per_sequence, self._n_batch) if self._streams else 1
         self.stats.batch_size = len(outputs)
         self.stats.peak_batch_size = max(self.stats.peak_batch_size, len(outputs))
         sequences = [slot.seq for slot, _ in outputs]
@@ -472,26 +597,43 @@ class Scheduler:
         self.stats.prompt_cache_bytes = self._prompt_cache.bytes
 
     def _sample_tokens(self, outputs: list[tuple[Slot, int]]) -> list[int]:
-        """Each sequence's next token from its sampler chain; several threads split a large batch.
+        """Each sequence's next token: read from the graph's sampling where it ran there, else from
+        its sampler chain on the host, where several threads split a large batch.
 
-        Chains are per sequence and the logits are only read once the decode is synchronized
-        (above) and reordered (the first ``llama_get_logits_ith``, here), so threads share nothing.
+        Chains are per sequence and the outputs are only read once the decode is synchronized
+        (above) and reordered (the first ``llama_get_sampled_token_ith``, here: unlike reading
+        logits, it is valid whether or not any output was sampled in the graph), so threads share
+        nothing. A backend-sampled token is accepted here as ``llama_sampler_sample`` would (it
+        also logs a debug line per token).
         """
-        groups = min(self._threads, len(outputs))
+        llama, ctx = self._llama, self._ctx
+        sampled = llama.llama_get_sampled_token_ith
+        tokens = [LLAMA_TOKEN_NULL] * len(outputs)
+        if self._backend_sampling:
+            for i, (slot, index) in enumerate(outputs):
+                if slot.seq.on_backend and (token := sampled(ctx, index)) != LLAMA_TOKEN_NULL:
+                    llama.llama_sampler_accept(slot.seq.sampler, token)
+                    tokens[i] = token
+        host = [i for i, token in enumerate(tokens) if token == LLAMA_TOKEN_NULL]
+        self.stats.backend_sampled += len(outputs) - len(host)
+        self.stats.host_sampled += len(host)
+        groups = min(self._threads, len(host))
         if groups < 2:
-            return self._sample_group(outputs)
-        self._llama.llama_get_logits_ith(self._ctx, outputs[0][1])
+            for i, token in zip(host, self._sample_group(outputs, host), strict=True):
+                tokens[i] = token
+            return tokens
+        sampled(ctx, outputs[0][1])
         assert self._samplers_pool is not None
-        futures = [self._samplers_pool.submit(self._sample_group, outputs[g::groups]) for g in range(1, groups)]
-        tokens = [0] * len(outputs)
-        tokens[0::groups] = self._sample_group(outputs[0::groups])
-        for g, future in enumerate(futures, start=1):
-            tokens[g::groups] = future.result()
+        pool = self._samplers_pool
+        futures = [pool.submit(self._sample_group, outputs, host[g::groups]) for g in range(1, groups)]
+        for g, group in enumerate([self._sample_group(outputs, host[0::groups]), *(f.result() for f in futures)]):
+            for i, token in zip(host[g::groups], group, strict=True):
+                tokens[i] = token
         return tokens
 
-    def _sample_group(self, outputs: list[tuple[Slot, int]]) -> list[int]:
+    def _sample_group(self, outputs: list[tuple[Slot, int]], which: list[int]) -> list[int]:
         sample, ctx = self._llama.llama_sampler_sample, self._ctx
-        return [sample(slot.seq.sampler, ctx, index) for slot, index in outputs]
+        return [sample(outputs[i][0].seq.sampler, ctx, outputs[i][1]) for i in which]
 
     def _logprob(self, index: int, token: int, top: int) -> TokenLogprob:
         """``token``'s log-softmax over the raw logits at batch ``index``, and the ``top`` likeliest."""

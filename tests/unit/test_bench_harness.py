@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
 import pytest
 
-from benchmarks import serving
+from benchmarks import gpu_engine, serving
 from benchmarks.loadgen import RequestResult
 from benchmarks.stats import summarize
 from benchmarks.workloads import Workload, prompts
+from tests.conftest import ROOT
 
 
 def test_every_system_gets_the_same_prompts_with_a_fixed_output_length() -> None:
@@ -55,3 +58,29 @@ def test_interleaved_systems_take_turns_and_pool_their_rounds(monkeypatch: pytes
     level = result["A"]["concurrency"]["4"]
     assert level["requests"] == 8 and level["wall_s"] == 2.0 and level["output_tok_s"] == 8.0
     assert result["B"]["x"] == "b" and "x" not in result["A"]
+
+
+def test_the_gpu_benchmark_and_its_peers_import_without_ray() -> None:
+    """The GPU machine has no Ray: benchmarks.gpu_engine, and the peers it starts, must not need it."""
+    code = "import sys; sys.modules['ray'] = None; import benchmarks.gpu_engine, benchmarks.systems"
+    subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True)
+
+
+def test_the_gpu_benchmark_states_its_targets_as_ratios_within_the_run() -> None:
+    def level(rate: float, ttft_p50: float) -> dict[str, Any]:
+        return {"output_tok_s": rate, "ttft_ms": {"p50": ttft_p50}}
+
+    result = {
+        "ours": {"result": {"kv_unified": False, "1": level(600, 10), "8": level(2400, 25)}},
+        "batched_bench": {"result": {"streams": {"8": {"with_prefill_tok_s": 3000}}, "unified": {"skipped": "x"}}},
+        "llama_server": {"result": {"8": level(1200, 40)}},
+        "llama_server_backend_sampling": {"rc": -11, "result": None},
+    }
+    out = gpu_engine.ratios(result)
+    assert out["8"] == {
+        "ours_over_batched_bench_streams": 0.8,
+        "ours_over_batched_bench_unified": None,
+        "ours_over_llama_server": 2.0,
+        "ours_over_llama_server_backend_sampling": None,
+    }
+    assert out["ttft_p50_c8_over_c1"] == 2.5

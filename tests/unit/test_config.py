@@ -185,6 +185,19 @@ def test_the_kv_pool_defaults_to_a_context_per_sequence_and_must_hold_one(models
     assert "must hold one context" in error_text({"models": [model(models_dir, kv_cache_tokens=100)]})
 
 
+def test_a_stream_per_sequence_unless_the_pool_is_smaller_than_every_context(models_dir: Path) -> None:
+    def layout(**overrides: Any) -> bool | None:
+        return AppConfig.model_validate({"models": [model(models_dir, **overrides)]}).models[0].kv_unified
+
+    assert layout(parallel=4, context_size=1024) is False
+    assert layout(parallel=4, context_size=1024, kv_cache_tokens=2048) is True  # oversubscribed: shared
+    assert layout(parallel=4, context_size=1024, kv_unified=True) is True
+    text = error_text(
+        {"models": [model(models_dir, parallel=4, context_size=1024, kv_cache_tokens=2048, kv_unified=False)]}
+    )
+    assert "models.0.gguf" in text and "kv_cache_tokens=2048 must be at least 4096" in text
+
+
 def test_serve_defaults_follow_parallel(models_dir: Path) -> None:
     autoscaled = {"autoscaling_config": {"min_replicas": 1, "max_replicas": 4}}
     app = build_app({"models": [model(models_dir, parallel=8, deployment=autoscaled)]})

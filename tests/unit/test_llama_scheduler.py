@@ -1,8 +1,8 @@
-"""Which free slot a new prompt takes (the scheduler's cache policy; no llama.cpp needed)."""
+"""The scheduler's policies that need no llama.cpp: which free slot a prompt takes, and the passes a batch costs."""
 
 from __future__ import annotations
 
-from deployments.engines.llama_scheduler import Scheduler, Slot
+from deployments.engines.llama_scheduler import Scheduler, Slot, stream_passes
 
 TEMPLATE = [1, 2, 3]  # every prompt's chat-template opening
 
@@ -33,3 +33,22 @@ def test_a_tenth_of_the_prompt_is_enough_to_reuse() -> None:
     shared = TEMPLATE + [9] * 7  # 10 of a 100-token prompt
     cached = Slot(0, [*shared, 5, 5], last_used=9.0)
     assert Scheduler._pick_slot([Slot(1), cached], shared + [6] * 90) is cached
+
+
+def test_one_run_of_consecutive_sequences_decodes_in_one_pass() -> None:
+    assert stream_passes({0: 1, 1: 1, 2: 1, 3: 1}, 512) == 1
+
+
+def test_a_gap_in_the_sequence_ids_costs_a_pass_per_run() -> None:
+    assert stream_passes({0: 1, 1: 1, 3: 1, 4: 1, 7: 1}, 512) == 3
+
+
+def test_a_prompt_chunk_beside_decoding_sequences_takes_a_pass_of_its_own() -> None:
+    # split_equal takes the same number of tokens from each sequence of a ubatch
+    assert stream_passes({0: 1, 1: 1, 2: 100}, 512) == 2
+    assert stream_passes({2: 100}, 512) == 1
+    assert stream_passes({2: 100}, 64) == 2
+
+
+def test_sequences_out_of_order_in_the_batch_still_join_their_run() -> None:
+    assert stream_passes({3: 1, 1: 1, 4: 1, 2: 1}, 512) == 2  # {3, 4}, then {1, 2}
