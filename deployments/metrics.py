@@ -38,6 +38,32 @@ class ReplicaMetrics:
     batch_size: Gauge
     prefix_cache_queries: Counter
     prefix_cache_hits: Counter
+    engine_steps: Counter
+    engine_passes: Counter
+    admission_seconds: Counter
+    kv_copies: Counter
+    kv_copy_bytes: Counter
+    kv_copy_seconds: Counter
+    sampled_tokens: Counter
+
+
+# The engine's own counters (``Engine.stats``) published as Prometheus counters: the metric
+# (a field of ReplicaMetrics) and the labels that tell its series apart.
+ENGINE_COUNTERS: dict[str, tuple[str, dict[str, str]]] = {
+    "prefix_cache_queries": ("prefix_cache_queries", {}),
+    "prefix_cache_hits": ("prefix_cache_hits", {}),
+    "steps": ("engine_steps", {}),
+    "passes": ("engine_passes", {}),
+    "admit_seconds": ("admission_seconds", {}),
+    "kv_saves": ("kv_copies", {"direction": "save"}),
+    "kv_restores": ("kv_copies", {"direction": "restore"}),
+    "kv_save_bytes": ("kv_copy_bytes", {"direction": "save"}),
+    "kv_restore_bytes": ("kv_copy_bytes", {"direction": "restore"}),
+    "kv_save_seconds": ("kv_copy_seconds", {"direction": "save"}),
+    "kv_restore_seconds": ("kv_copy_seconds", {"direction": "restore"}),
+    "backend_sampled": ("sampled_tokens", {"where": "graph"}),
+    "host_sampled": ("sampled_tokens", {"where": "host"}),
+}
 
 
 @functools.cache
@@ -76,4 +102,19 @@ def replica_metrics() -> ReplicaMetrics:
         batch_size=Gauge("nika_batch_size", "Sequences decoded in the engine's last step.", model),
         prefix_cache_queries=Counter("nika_prefix_cache_queries_total", "Prompt tokens looked up in the cache.", model),
         prefix_cache_hits=Counter("nika_prefix_cache_hits_total", "Prompt tokens found in the cache.", model),
+        engine_steps=Counter("nika_engine_steps_total", "Batches the engine decoded.", model),
+        engine_passes=Counter(
+            "nika_engine_passes_total", "Passes over the weights for those batches (llama.cpp's ubatches).", model
+        ),
+        admission_seconds=Counter(
+            "nika_admission_seconds_total", "Time spent admitting requests between steps: running streams wait.", model
+        ),
+        kv_copies=Counter(
+            "nika_kv_cache_copies_total", "Prompts' KV state copied to host memory or back.", ("model", "direction")
+        ),
+        kv_copy_bytes=Counter("nika_kv_cache_copy_bytes_total", "Bytes of those copies.", ("model", "direction")),
+        kv_copy_seconds=Counter("nika_kv_cache_copy_seconds_total", "Time in those copies.", ("model", "direction")),
+        sampled_tokens=Counter(
+            "nika_sampled_tokens_total", "Tokens sampled in the decode graph or on the host.", ("model", "where")
+        ),
     )

@@ -26,7 +26,7 @@ from deployments.config import ModelConfig
 from deployments.engines import engine_class, engine_env, engine_for
 from deployments.engines.base import Delta, Embeddings, Engine, GenerationRequest, ModelInfo, ModelStatus
 from deployments.errors import InferenceFailed, ModelLoadFailed, ModelNotLoaded, ServeError
-from deployments.metrics import replica_metrics
+from deployments.metrics import ENGINE_COUNTERS, replica_metrics
 from deployments.streaming import coalesce
 
 logger = logging.getLogger("ray.serve")
@@ -72,7 +72,7 @@ class ModelReplica:
         self._in_flight = 0
         self._last_progress = time.monotonic()
         self._metrics, self._tags = replica_metrics(), {"model": self._config.name}
-        self._counted = {"prefix_cache_queries": 0, "prefix_cache_hits": 0}  # counter values published so far
+        self._counted = dict.fromkeys(ENGINE_COUNTERS, 0.0)  # counter values published so far
         self._publisher: asyncio.Task[None] | None = None
 
     async def reconfigure(self, user_config: dict[str, Any]) -> None:
@@ -85,7 +85,7 @@ class ModelReplica:
                 # First: new requests are refused, and streams the unload ends can say why.
                 self._status = ModelStatus.UNLOADED
                 await self._engine.unload()
-                self._counted = dict.fromkeys(self._counted, 0)  # a new engine counts from zero
+                self._counted = dict.fromkeys(self._counted, 0.0)  # a new engine counts from zero
                 logger.info("model %s unloaded", self._config.name)
 
     async def _load(self) -> None:
@@ -183,8 +183,9 @@ class ModelReplica:
             self._metrics.batch_size.set(stats["batch_size"], self._tags)
         for name, published in self._counted.items():
             if stats.get(name, published) > published:
-                getattr(self._metrics, name).inc(stats[name] - published, self._tags)
-                self._counted[name] = int(stats[name])
+                metric, labels = ENGINE_COUNTERS[name]
+                getattr(self._metrics, metric).inc(stats[name] - published, self._tags | labels)
+                self._counted[name] = stats[name]
 
     async def _publish_periodically(self) -> None:
         """The engine's counters move every step: publish them once per interval, not per token."""

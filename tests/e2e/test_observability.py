@@ -74,6 +74,12 @@ def test_prometheus_metrics_after_real_traffic(app: ServeApp) -> None:
             and metric(text, "ray_nika_image_decode_failures_total") >= 1
             and "ray_nika_num_requests_running" in text
             and "ray_nika_num_requests_waiting" in text
+            # the llama.cpp engine's own counters: steps and their passes, admission, sampling
+            and metric(text, "ray_nika_engine_passes_total", model="tiny")
+            >= metric(text, "ray_nika_engine_steps_total", model="tiny")
+            >= 8
+            and metric(text, "ray_nika_admission_seconds_total", model="tiny") > 0
+            and metric(text, "ray_nika_sampled_tokens_total", model="tiny", where="host") >= 8
         )
 
     poll(exported, 60, "the metrics to be exported")
