@@ -60,9 +60,10 @@ OURS = {
     "ours_host_sampling": {"backend_sampling": False},
     "ours_backend_sampling": {"backend_sampling": True},
     "ours_unified": {"kv_unified": True},
+    "ours_parallel_1": {"parallel": 1},  # one sequence per context: loads and serves there too
 }
 PEERS = ["batched_bench", "llama_server", "llama_server_backend_sampling"]
-GPU_STAGES = ["ours", *PEERS, "ours_host_sampling", "ours_unified"]
+GPU_STAGES = ["ours", *PEERS, "ours_host_sampling", "ours_unified", "ours_parallel_1"]
 CPU_STAGES = ["ours", "ours_unified", "ours_backend_sampling", *PEERS[:2]]
 MIN_STAGE_S = 30  # a stage is not started with less time left
 
@@ -195,7 +196,11 @@ async def ours(config: GGUFModelConfig, levels: list[int], tokens: int, rounds: 
     sampling = SamplingParams(
         temperature=SAMPLING["temperature"], top_p=SAMPLING["top_p"], top_k=40, max_tokens=tokens, ignore_eos=True
     )
-    results: dict[str, Any] = {"kv_unified": config.kv_unified, "backend_sampling": config.backend_sampling}
+    results: dict[str, Any] = {
+        "parallel": config.parallel,
+        "kv_unified": config.kv_unified,
+        "backend_sampling": config.backend_sampling,
+    }
     try:
         await stream(engine, sampling, "warm up")
         for c in levels:
@@ -230,7 +235,9 @@ async def llama_server(
 
 def run_stage(name: str, config: GGUFModelConfig, args: argparse.Namespace) -> dict[str, Any]:
     if name in OURS:
-        return asyncio.run(ours(config.model_copy(update=OURS[name]), args.levels, args.tokens, args.rounds))
+        variant = GGUFModelConfig.model_validate(config.model_dump() | {"kv_cache_tokens": None} | OURS[name])
+        levels = [c for c in args.levels if c <= variant.parallel]
+        return asyncio.run(ours(variant, levels, args.tokens, args.rounds))
     if name == "batched_bench":
         return {
             "unified": batched_bench(config, args.levels, args.tokens, unified=True),

@@ -23,6 +23,7 @@ from deployments.config import GGUFModelConfig
 from deployments.engines import llama_log
 from deployments.engines.base import Delta, Embeddings, Engine, GenerationRequest, ModelFacts
 from deployments.engines.llama_embedding import POOLING, SEQUENCES_PER_BATCH, Embedder
+from deployments.engines.llama_sampling import RANDOM_SEED, Samplers
 from deployments.engines.llama_scheduler import END, Scheduler, Sequence
 from deployments.errors import InvalidRequest, ModelLoadFailed, ModelNotLoaded
 from deployments.quantization import resolve_gguf_quantization
@@ -30,8 +31,6 @@ from deployments.tools import template_input
 
 logger = logging.getLogger("ray.serve")
 
-# llama.cpp's "pick a random seed" (LLAMA_DEFAULT_SEED).
-RANDOM_SEED = 0xFFFFFFFF
 # Beyond the sequences it runs, a replica takes this many more requests: control calls (info,
 # reconfigure) reach it while it generates, and the next request is ready the moment a slot frees.
 SPARE_ONGOING_REQUESTS = 3
@@ -236,13 +235,15 @@ class LlamaCppEngine(Engine):
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[Any] = asyncio.Queue()
         seed = request.sampling.seed if request.sampling.seed is not None else self.config.seed
+        seed = RANDOM_SEED if seed is None else seed & 0xFFFFFFFF
         seq = Sequence(
             request.request_id,
             self._prompt_tokens(request),
             request.sampling,
-            scheduler.samplers.chain(request.sampling, RANDOM_SEED if seed is None else seed & 0xFFFFFFFF),
+            scheduler.samplers.chain(request.sampling, seed),
             lambda item: loop.call_soon_threadsafe(queue.put_nowait, item),
             request.stream_interval_s,
+            sampler_key=Samplers.key(request.sampling, seed),
         )
         self._active += 1
         scheduler.submit(seq)

@@ -8,12 +8,14 @@ then owns the chain and frees it when the sequence leaves.
 from __future__ import annotations
 
 import json
+from collections.abc import Hashable
 from typing import Any
 
 from deployments.engines.base import JsonOutput, SamplingParams
 from deployments.errors import InvalidRequest
 
 ANY_OBJECT: dict[str, Any] = {"type": "object"}  # response_format json_object
+RANDOM_SEED = 0xFFFFFFFF  # llama.cpp's "pick a random seed" (LLAMA_DEFAULT_SEED), again at each reset
 # The converter's string character admits control characters, which JSON forbids unescaped;
 # llama.cpp's own converter excludes them the same way.
 _ANY_CHAR, _JSON_CHAR = r'char ::= [^"\\]', r'char ::= [^"\\\x7F\x00-\x1F]'
@@ -53,6 +55,14 @@ class Samplers:
         return for a step whose outputs were all sampled in the graph.
         """
         return s.json_output is None and s.logprobs is None
+
+    @staticmethod
+    def key(s: SamplingParams, seed: int) -> Hashable:
+        """What tells chains apart: two with equal keys sample alike once reset (a random seed
+        is drawn anew then), so an attached chain can serve the next such request as it is."""
+        penalties = (s.max_tokens, s.repetition_penalty, s.frequency_penalty, s.presence_penalty)
+        drawn = (s.top_k, s.top_p, s.min_p, s.temperature, seed) if s.temperature > 0 else None
+        return (s.logit_bias, s.ignore_eos, s.json_output, penalties if s.penalized else None, drawn)
 
     def chain(self, s: SamplingParams, seed: int) -> Any:
         """The chain in llama.cpp's own order; raises :class:`InvalidRequest` for what the model rejects."""

@@ -44,7 +44,7 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -79,6 +79,7 @@ class Sequence:
     # Deltas go to the event loop at most once per interval (the first at once), joined: a
     # wake-up of the replica's loop per token takes a CPU from llama.cpp's threads mid-decode.
     interval_s: float = 0.0
+    sampler_key: Hashable = None  # ``Samplers.key``: an attached chain with the same one serves as well
     cancelled: bool = False
     # Scheduler state.
     prefilled: int = 0  # prompt tokens in the KV cells
@@ -108,10 +109,12 @@ class Slot:
     tokens: list[int] = field(default_factory=list)
     seq: Sequence | None = None
     last_used: float = 0.0
-    # The chain llama.cpp samples this seq id with in the decode graph: a finished sequence's
-    # stays attached (and alive) until the next one replaces it, since every change of the
-    # context's samplers costs a graph reserve at the next decode.
+    # The chain llama.cpp samples this seq id with in the decode graph, and its Samplers.key.
+    # Every change of the context's samplers costs llama.cpp a graph reserve at the next decode,
+    # so a finished sequence's chain stays attached (and alive): the next sequence with the same
+    # key samples with it, reset, and any other replaces it.
     sampler: Any = None
+    sampler_key: Hashable = None
 
 
 @dataclass(slots=True)
@@ -274,7 +277,7 @@ class Scheduler:
         finally:
             self._end_all(error)
             for slot in self._slots:
-                self._attach(slot, None)
+                self._attach(slot, None, None)
             self._llama.llama_batch_free(self._batch)
             if self._samplers_pool is not None:
                 self._samplers_pool.shutdown()
@@ -396,8 +399,7 @@ class Scheduler:
         self._overwrite(slot, reuse)
         seq.prefilled = seq.cached = reuse
         slot.seq = seq
-        self._attach(slot, seq.sampler if self._backend_sampling and Samplers.offloadable(seq.sampling) else None)
-        seq.on_backend = slot.sampler is not None
+        self._sample_in_graph(slot, seq)
         self.stats.prefix_cache_queries += len(seq.prompt)
         self.stats.prefix_cache_hits += reuse
         self.stats.admitted += 1
@@ -443,7 +445,19 @@ class Scheduler:
             self._llama.llama_memory_seq_cp(self._memory, donor.seq_id, slot.seq_id, 0, n)
         slot.tokens = donor.tokens[:n]
 
-    def _attach(self, slot: Slot, chain: Any) -> None:
+    def _sample_in_graph(self, slot: Slot, seq: Sequence) -> None:
+        """Sample ``seq`` in the decode graph where its chain can run there, else on the host."""
+        if not (self._backend_sampling and Samplers.offloadable(seq.sampling)):
+            self._attach(slot, None, None)
+        elif slot.sampler is not None and seq.sampler_key is not None and seq.sampler_key == slot.sampler_key:
+            self.samplers.free(seq.sampler)  # the attached one serves: no graph reserve
+            seq.sampler = slot.sampler
+            self._llama.llama_sampler_reset(seq.sampler)
+        else:
+            self._attach(slot, seq.sampler, seq.sampler_key)
+        seq.on_backend = slot.sampler is not None
+
+    def _attach(self, slot: Slot, chain: Any, key: Hashable) -> None:
         """Sample ``slot``'s seq id in the decode graph with ``chain`` (None: on the host from the
         logits); frees the chain it replaces, which belonged to a finished sequence."""
         previous = slot.sampler
@@ -451,6 +465,7 @@ class Scheduler:
             return
         attached = self._llama.llama_set_sampler(self._ctx, slot.seq_id, chain)
         slot.sampler = chain if attached and chain is not None else None
+        slot.sampler_key = key if slot.sampler is not None else None
         self.stats.sampler_changes += 1
         if previous is not None:
             self.samplers.free(previous)

@@ -24,10 +24,12 @@ ONE_CPU = {"num_replicas": 1, "ray_actor_options": {"num_cpus": 1}}
 
 @pytest.fixture(scope="module")
 def batched(app: ServeApp) -> Iterator[str]:
-    """``medium`` with 8 sequences per context; ``tiny`` with 4 in a KV pool that holds 2 requests."""
+    """``medium`` with 8 sequences per context, a KV stream each, sampled in the decode graph
+    (llama.cpp's backend samplers, here on its CPU backend); ``tiny`` with 4 in one KV pool that
+    holds 2 requests, sampled on the host."""
     config = e2e_config(
         app.models_dir,
-        medium={"parallel": 8, "context_size": 1024, "deployment": ONE_CPU},
+        medium={"parallel": 8, "context_size": 1024, "backend_sampling": True, "deployment": ONE_CPU},
         tiny={"parallel": 4, "context_size": 512, "kv_cache_tokens": 512, "deployment": ONE_CPU},
         vision=False,
     )
@@ -88,13 +90,55 @@ def test_eight_streams_on_one_replica_run_together(app: ServeApp, batched: str) 
     assert card["engine_stats"]["parallel"] == 8 and card["active_generations"] == 0
 
 
+def test_a_constrained_request_samples_on_the_host_beside_streams_sampled_in_the_graph(
+    app: ServeApp, batched: str
+) -> None:
+    """A grammar runs on the host only: that request leaves the graph, the others stay in it."""
+    client = openai.OpenAI(base_url=f"{batched}/v1", api_key="unused", max_retries=0)
+    before = stats(app, "medium")
+    results: list[Any] = [None] * 4
+
+    def ask(i: int) -> None:
+        schema = {
+            "type": "object",
+            "properties": {"color": {"enum": ["red", "blue"]}},
+            "required": ["color"],
+            "additionalProperties": False,
+        }
+        format_ = {"type": "json_schema", "json_schema": {"name": "color", "schema": schema}}
+        constrained = {"response_format": format_} if i == 0 else {}
+        results[i] = client.chat.completions.create(
+            model="medium",
+            messages=[{"role": "user", "content": f"item {i} as JSON"}],
+            max_tokens=48,
+            temperature=0.7,
+            seed=i,
+            **constrained,
+        )
+
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    assert json.loads(results[0].choices[0].message.content)["color"] in ("red", "blue")
+    assert all(r.usage.completion_tokens > 0 for r in results[1:])
+    after = stats(app, "medium")
+
+    def sampled(r: Any) -> int:  # an end of generation is sampled too, and not a completion token
+        return r.usage.completion_tokens + (r.choices[0].finish_reason == "stop")
+
+    assert after["host_sampled"] - before["host_sampled"] == sampled(results[0])
+    assert after["backend_sampled"] - before["backend_sampled"] == sum(sampled(r) for r in results[1:])
+
+
 def test_concurrent_requests_each_get_their_own_generation(batched: str) -> None:
     """16 greedy requests, 8 at a time in one context: each keeps its own prompt, length and text.
 
-    Their texts are not compared with solo runs: in a shared KV pool the cells a sequence gets,
-    and so the order of the attention sums, depend on its batch companions, which flips the
-    random model's near-tied greedy tokens (tests/e2e/test_llama_engine.py shows the engine's
-    outputs equal solo runs exactly when a request runs alone in the same batched engine).
+    Their texts are not compared with solo runs: a sequence's batch companions change the shape
+    of each pass, and so the order of the sums in the kernels, which flips the random model's
+    near-tied greedy tokens (tests/e2e/test_llama_engine.py shows the engine's outputs equal solo
+    runs exactly when a request runs alone in the same batched engine).
     """
     bodies = [
         chat(
