@@ -64,7 +64,7 @@ OURS = {
 }
 PEERS = ["batched_bench", "llama_server", "llama_server_backend_sampling"]
 GPU_STAGES = ["ours", *PEERS, "ours_host_sampling", "ours_unified", "ours_parallel_1"]
-CPU_STAGES = ["ours", "ours_unified", "ours_backend_sampling", *PEERS[:2]]
+CPU_STAGES = ["ours", "ours_unified", "ours_backend_sampling", *PEERS]
 MIN_STAGE_S = 30  # a stage is not started with less time left
 
 
@@ -289,10 +289,11 @@ def orchestrate(args: argparse.Namespace) -> None:
     gpu = not args.cpu
     model = args.model or gpu_model(Path("/tmp/gpu-models"))
     config = engine_config(model, max(args.levels), gpu, args.threads)
+    device = _device() if gpu else "cpu"
     result: dict[str, Any] = {
-        "comparison": "our llama.cpp engine beside llama.cpp's batched-bench and llama-server, same build and model",
+        "comparison": f"our llama.cpp engine beside llama.cpp's batched-bench and llama-server, one build and model: {device}",
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "device": _device() if gpu else "cpu",
+        "device": device,
         "model": model.name,
         "settings": {
             "parallel": config.parallel,
