@@ -291,7 +291,7 @@ def orchestrate(args: argparse.Namespace) -> None:
     config = engine_config(model, max(args.levels), gpu, args.threads)
     device = _device() if gpu else "cpu"
     result: dict[str, Any] = {
-        "comparison": f"our llama.cpp engine beside llama.cpp's batched-bench and llama-server, one build and model: {device}",
+        "comparison": f"our llama.cpp engine beside batched-bench and llama-server, one build and model: {device}",
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "device": device,
         "model": model.name,
