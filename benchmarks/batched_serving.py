@@ -1,5 +1,5 @@
 """Comparison 6: continuous batching. Ours, one replica of ``parallel: 8`` (one model copy, 2 CPUs),
-against llama.cpp's own ``llama-server -np 8 -kvu`` on the same threads, KV pool and batch size
+against llama.cpp's own ``llama-server -np 8`` on the same threads, KV layout and batch size
 (built from the llama.cpp sources of our wheel, with its flags: the same kernels), against our
 previous setup (2 replicas of ``parallel: 1``, two model copies, 1 CPU each) and against
 ``llama_cpp.server`` (one sequence at a time). Concurrency 1, 4, 8, 16; the resident memory of
@@ -27,7 +27,7 @@ from benchmarks.workloads import SAMPLING, Workload, prompts
 NAME = "batched_serving"
 LEVELS = (1, 4, 8, 16)
 PARALLEL = 8
-OURS, PEER = f"ours (1 replica, parallel {PARALLEL})", f"llama-server -np {PARALLEL} -kvu"
+OURS, PEER = f"ours (1 replica, parallel {PARALLEL})", f"llama-server -np {PARALLEL}"
 OURS_PROXY = f"{OURS} via Serve's proxy"
 TODAY, SERIAL = "ours (2 replicas, parallel 1)", "llama_cpp.server"
 TARGETS = {  # at c=8, as the issue sets them
