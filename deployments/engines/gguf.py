@@ -1,8 +1,8 @@
 """llama.cpp engine: a local GGUF file on llama-cpp-python's low-level API, continuously batched.
 
-Up to ``parallel`` requests run together in one llama.cpp context (one copy of the model, one
-shared KV pool) under the scheduler in ``engines.llama_scheduler``, which owns the context on
-its own thread. The event loop only tokenizes, submits, and relays each sequence's deltas; a
+Up to ``parallel`` requests run together in one llama.cpp context (one copy of the model; a KV
+stream per sequence, or one shared pool) under the scheduler in ``engines.llama_scheduler``, which
+owns the context on its own thread. The event loop only tokenizes, submits, and relays each sequence's deltas; a
 cancelled or disconnected request leaves the batch at the next step and frees its KV cells.
 ``parallel: 1`` runs the same code one request at a time.
 """
