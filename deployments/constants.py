@@ -37,7 +37,7 @@ DEFAULT_MODEL_MAX_CONSTRUCTOR_RETRY_COUNT = 3
 # Ray Serve's streaming data path, in the environment of the router and vLLM replicas (part of
 # Serve's RAY_SERVE_THROUGHPUT_OPTIMIZED, without its direct-ingress change of the HTTP path):
 # user code and the handle router on the replica's own event loop instead of extra threads.
-# With gRPC streams (serving.ChatService) this halves the router's and the vLLM replica's CPU
+# With gRPC streams (serving.core) this halves the router's and the vLLM replica's CPU
 # time per streamed chunk. Not for llama.cpp replicas (engines.engine_env says why).
 SERVE_DATA_PATH_ENV = {
     "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0",

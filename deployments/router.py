@@ -1,4 +1,4 @@
-"""The router: HTTP ingress (OpenAI API) and Python handle API, over ``serving.ChatService``.
+"""The router: HTTP ingress (OpenAI API) and Python handle API, over ``serving``'s per-API classes.
 
 Routes stay thin. A streaming response settles its HTTP status before any byte is sent:
 validation, model lookup and the first chunk (which proves the engine accepted the request)
@@ -34,8 +34,15 @@ from deployments.errors import (
     classified_exceptions,
 )
 from deployments.metrics import router_metrics
-from deployments.protocol import SSE_DONE, ChatCompletionRequest, CompletionRequest, EmbeddingRequest, sse_event
-from deployments.serving import ChatService, new_request_id, parse_request
+from deployments.protocol.chat import ChatCompletionRequest
+from deployments.protocol.common import SSE_DONE, sse_event
+from deployments.protocol.completions import CompletionRequest
+from deployments.protocol.embeddings import EmbeddingRequest
+from deployments.serving.chat import ChatServing
+from deployments.serving.completions import CompletionServing
+from deployments.serving.core import ServingCore, new_request_id, parse_request
+from deployments.serving.embeddings import EmbeddingServing
+from deployments.serving.models import ModelCatalog
 
 logger = logging.getLogger("ray.serve")
 
@@ -164,7 +171,11 @@ class Router:
 
     def __init__(self, config: dict[str, Any], models: dict[str, DeploymentHandle]) -> None:
         app_config = AppConfig.model_validate(config)
-        self._service = ChatService(app_config, models)
+        core = ServingCore(app_config, models)
+        self._chat = ChatServing(core)
+        self._completions = CompletionServing(core)
+        self._embeddings = EmbeddingServing(core)
+        self._catalog = ModelCatalog(app_config, models)
         self._max_body_bytes = app_config.router.max_body_bytes
         key_env = app_config.router.api_key_env
         if key_env is not None and not os.environ.get(key_env):
@@ -184,30 +195,30 @@ class Router:
 
     @api.get("/v1/models", dependencies=[Depends(_authenticate)])
     async def models(self) -> dict[str, Any]:
-        return {"object": "list", "data": await self._service.list_models()}
+        return {"object": "list", "data": await self._catalog.list_models()}
 
     @api.post("/v1/chat/completions", dependencies=[Depends(_authenticate)])
     async def chat_completions(self, request: Request) -> Any:
-        body = parse_request(await _read_json_body(request, self._max_body_bytes))
+        body = parse_request(await _read_json_body(request, self._max_body_bytes), ChatCompletionRequest)
         request_id = new_request_id()
-        prepared = await self._service.prepare(body, request_id)
+        prepared = await self._chat.prepare(body, request_id)
         if not body.stream:
-            return JSONResponse(await self._service.complete(prepared, request_id))
-        return await _streaming_response(self._service.stream(prepared, request_id))
+            return JSONResponse(await self._chat.complete(prepared, request_id))
+        return await _streaming_response(self._chat.stream(prepared, request_id))
 
     @api.post("/v1/completions", dependencies=[Depends(_authenticate)])
     async def completions(self, request: Request) -> Any:
         body = parse_request(await _read_json_body(request, self._max_body_bytes), CompletionRequest)
         request_id = new_request_id("cmpl")
-        prepared = self._service.prepare_text(body, request_id)
+        prepared = self._completions.prepare(body, request_id)
         if not body.stream:
-            return JSONResponse(await self._service.complete_text(prepared, request_id))
-        return await _streaming_response(self._service.stream_text(prepared, request_id))
+            return JSONResponse(await self._completions.complete(prepared, request_id))
+        return await _streaming_response(self._completions.stream(prepared, request_id))
 
     @api.post("/v1/embeddings", dependencies=[Depends(_authenticate)])
     async def embeddings(self, request: Request) -> dict[str, Any]:
         body = parse_request(await _read_json_body(request, self._max_body_bytes), EmbeddingRequest)
-        return await self._service.embed(body)
+        return await self._embeddings.embed(body)
 
     # -- Python API (deployment handles), mirroring nika's infer* methods -------------
 
@@ -233,17 +244,19 @@ class Router:
 
     async def _complete(self, request: dict[str, Any] | ChatCompletionRequest, require_images: bool) -> dict[str, Any]:
         request_id = new_request_id()
-        prepared = await self._service.prepare(parse_request(request), request_id, require_images=require_images)
-        return await self._service.complete(prepared, request_id)
+        body = parse_request(request, ChatCompletionRequest)
+        prepared = await self._chat.prepare(body, request_id, require_images=require_images)
+        return await self._chat.complete(prepared, request_id)
 
     async def _stream(
         self, request: dict[str, Any] | ChatCompletionRequest, require_images: bool
     ) -> AsyncIterator[dict[str, Any]]:
         request_id = new_request_id()
-        prepared = await self._service.prepare(parse_request(request), request_id, require_images=require_images)
-        async with aclosing(self._service.stream(prepared, request_id)) as chunks:
+        body = parse_request(request, ChatCompletionRequest)
+        prepared = await self._chat.prepare(body, request_id, require_images=require_images)
+        async with aclosing(self._chat.stream(prepared, request_id)) as chunks:
             async for chunk in chunks:
                 yield chunk
 
     async def list_models(self) -> list[dict[str, Any]]:
-        return await self._service.list_models()
+        return await self._catalog.list_models()

@@ -1,20 +1,19 @@
 import json
+from typing import Any
 
 import pytest
 
 from deployments.engines.base import Delta, Embeddings, JsonOutput, TokenLogprob, Usage
 from deployments.engines.llama_sampling import json_grammar
 from deployments.errors import InvalidRequest
-from deployments.protocol import (
-    ChatCompletionRequest,
-    ChunkFactory,
-    EmbeddingRequest,
-    chat_choice,
-    embeddings_body,
-    json_output,
-    sse_event,
-)
-from deployments.serving import parse_request
+from deployments.protocol.chat import ChatCompletionRequest, ChunkFactory, chat_choice, json_output
+from deployments.protocol.common import sse_event
+from deployments.protocol.embeddings import EmbeddingRequest, embeddings_body
+from deployments.serving.core import parse_request
+
+
+def parse_chat(raw: Any) -> ChatCompletionRequest:
+    return parse_request(raw, ChatCompletionRequest)
 
 
 def test_chunks_carry_the_role_first_the_finish_reason_then_usage() -> None:
@@ -54,7 +53,7 @@ def test_sse_framing() -> None:
 
 def test_request_validation_names_every_problem() -> None:
     with pytest.raises(InvalidRequest) as info:
-        parse_request(b'{"model": 1, "messages": [{"role": "user"}], "stop": ["a","b","c","d","e"], "extra": 1}')
+        parse_chat(b'{"model": 1, "messages": [{"role": "user"}], "stop": ["a","b","c","d","e"], "extra": 1}')
     message = info.value.message
     for fragment in ("model:", "messages.0", "stop", "extra: unknown field"):
         assert fragment in message
@@ -80,13 +79,13 @@ BASE = {"model": "m", "messages": [{"role": "user", "content": "x"}]}
 def test_response_formats_become_what_the_engines_enforce() -> None:
     schema = {"type": "object", "properties": {"a": {"type": "integer"}}}
     as_schema = {"type": "json_schema", "json_schema": {"name": "a", "schema": schema, "strict": True}}
-    assert json_output(parse_request(BASE | {"response_format": as_schema}).response_format) == JsonOutput(
+    assert json_output(parse_chat(BASE | {"response_format": as_schema}).response_format) == JsonOutput(
         json_schema=schema
     )
-    assert json_output(parse_request(BASE | {"response_format": {"type": "json_object"}}).response_format) == (
+    assert json_output(parse_chat(BASE | {"response_format": {"type": "json_object"}}).response_format) == (
         JsonOutput()
     )
-    assert json_output(parse_request(BASE | {"response_format": {"type": "text"}}).response_format) is None
+    assert json_output(parse_chat(BASE | {"response_format": {"type": "text"}}).response_format) is None
 
 
 @pytest.mark.parametrize(
@@ -107,12 +106,12 @@ def test_response_formats_become_what_the_engines_enforce() -> None:
 )  # fmt: skip
 def test_bad_openai_fields_are_400s_that_name_them(extra: dict, message: str) -> None:
     with pytest.raises(InvalidRequest, match=message.replace(".", r"\.")):
-        parse_request(BASE | extra)
+        parse_chat(BASE | extra)
 
 
 def test_openai_fields_at_their_off_values_are_accepted() -> None:
     off = {"logprobs": False, "tools": [], "tool_choice": None, "modalities": ["text"], "store": False, "user": "u"}
-    request = parse_request(json.dumps(BASE | off))
+    request = parse_chat(json.dumps(BASE | off))
     assert request.user == "u"
 
 
@@ -133,8 +132,8 @@ def test_logprobs_in_chunks_and_whole_answers_take_openais_shape() -> None:
     final = Delta("", "stop", Usage(1, 1))
     assert chat_choice(0, final, [token])["logprobs"] == {"content": [expected]}
     assert "logprobs" not in chat_choice(0, final, None)
-    assert parse_request(BASE | {"logprobs": True}).logprobs_top == 0
-    assert parse_request(BASE).logprobs_top is None
+    assert parse_chat(BASE | {"logprobs": True}).logprobs_top == 0
+    assert parse_chat(BASE).logprobs_top is None
 
 
 def test_json_strings_exclude_control_characters() -> None:

@@ -9,7 +9,8 @@ import pytest
 
 from deployments.engines.base import Delta, Usage
 from deployments.errors import InvalidRequest
-from deployments.serving import parse_request
+from deployments.protocol.chat import ChatCompletionRequest
+from deployments.serving.core import parse_request
 from deployments.tools import Tool, ToolCallFilter, ToolUse, fallback_messages, parse_tool_calls, template_input
 
 WEATHER = {
@@ -22,6 +23,10 @@ WEATHER = {
 }
 TIME = {"type": "function", "function": {"name": "get_time"}}
 NAMES = {"get_weather", "get_time"}
+
+
+def parse_chat(raw: Any) -> ChatCompletionRequest:
+    return parse_request(raw, ChatCompletionRequest)
 
 
 def use(mode: str = "auto", named: str | None = None, parallel: bool = True) -> ToolUse:
@@ -165,7 +170,7 @@ BASE = {"model": "m", "messages": [{"role": "user", "content": "x"}], "tools": [
 )  # fmt: skip
 def test_bad_tool_requests_are_400s_that_say_what_to_fix(extra: dict[str, Any], message: str) -> None:
     with pytest.raises(InvalidRequest, match=message):
-        parse_request(BASE | extra)
+        parse_chat(BASE | extra)
 
 
 def test_a_conversation_with_calls_and_results_parses_into_template_messages() -> None:
@@ -175,14 +180,14 @@ def test_a_conversation_with_calls_and_results_parses_into_template_messages() -
             "function": {"name": "get_weather", "arguments": '{"city": "Oslo"}'}}]},
         {"role": "tool", "content": '{"temp": 3}', "tool_call_id": "call_1"},
     ]  # fmt: skip
-    request = parse_request(BASE | {"messages": messages})
+    request = parse_chat(BASE | {"messages": messages})
     assert [m.engine_message() for m in request.messages][1:] == [dict(CONVERSATION[2]), dict(CONVERSATION[3])]
     tool_use = request.tool_use()
     assert tool_use is not None and tool_use.mode == "auto"
-    assert parse_request(BASE | {"tool_choice": "none"}).tool_use() is None
+    assert parse_chat(BASE | {"tool_choice": "none"}).tool_use() is None
 
 
 def test_a_functions_parameters_must_be_a_json_schema() -> None:
     bad = {"type": "function", "function": {"name": "f", "parameters": {"type": "objekt"}}}
     with pytest.raises(InvalidRequest, match=r"tools\.0\.function\.parameters: not a valid JSON schema"):
-        parse_request(BASE | {"tools": [bad]})
+        parse_chat(BASE | {"tools": [bad]})
