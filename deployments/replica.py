@@ -24,7 +24,7 @@ from pydantic import TypeAdapter
 from deployments import constants as C
 from deployments.config import ModelConfig
 from deployments.engines import engine_class, engine_env, engine_for
-from deployments.engines.base import Delta, Embeddings, Engine, GenerationRequest, ModelInfo, ModelStatus
+from deployments.engines.base import Delta, Embeddings, Engine, GenerationRequest, ModelInfo, ModelStatus, Prompt
 from deployments.errors import InferenceFailed, ModelLoadFailed, ModelNotLoaded, ServeError
 from deployments.metrics import ENGINE_COUNTERS, replica_metrics
 from deployments.streaming import coalesce
@@ -127,8 +127,7 @@ class ModelReplica:
         stream that ends without its final delta (finish reason and usage) raises instead, so
         no client ever reads a silently truncated answer as a complete one.
         """
-        if self._status is not ModelStatus.LOADED:
-            raise ModelNotLoaded(f"model {self._config.name} is not loaded")
+        self._require_loaded()
         self._in_flight += 1
         if self._in_flight == 1:  # the silence clock runs only while there is work
             self._last_progress = time.monotonic()
@@ -153,8 +152,7 @@ class ModelReplica:
 
     async def embed(self, inputs: list[str | list[int]]) -> Embeddings:
         """One vector per input (models configured for embeddings)."""
-        if self._status is not ModelStatus.LOADED:
-            raise ModelNotLoaded(f"model {self._config.name} is not loaded")
+        self._require_loaded()
         self._in_flight += 1
         self._report_load()
         try:
@@ -163,6 +161,19 @@ class ModelReplica:
             self._in_flight -= 1
             self._last_progress = time.monotonic()
             self._report_load()
+
+    async def tokenize(self, prompt: Prompt, add_special: bool = True) -> list[int]:
+        """The token ids a generation from ``prompt`` starts with (``Engine.tokenize``)."""
+        self._require_loaded()
+        return await self._engine.tokenize(prompt, add_special)
+
+    async def detokenize(self, tokens: list[int]) -> str:
+        self._require_loaded()
+        return await self._engine.detokenize(tokens)
+
+    def _require_loaded(self) -> None:
+        if self._status is not ModelStatus.LOADED:
+            raise ModelNotLoaded(f"model {self._config.name} is not loaded")
 
     def _interrupted(self) -> ServeError:
         """Why an engine stream ended without its final delta."""

@@ -38,11 +38,13 @@ from deployments.protocol.chat import ChatCompletionRequest
 from deployments.protocol.common import SSE_DONE, sse_event
 from deployments.protocol.completions import CompletionRequest
 from deployments.protocol.embeddings import EmbeddingRequest
+from deployments.protocol.tokenize import DetokenizeRequest, TokenizeRequest
 from deployments.serving.chat import ChatServing
 from deployments.serving.completions import CompletionServing
 from deployments.serving.core import ServingCore, new_request_id, parse_request
 from deployments.serving.embeddings import EmbeddingServing
 from deployments.serving.models import ModelCatalog
+from deployments.serving.tokenize import TokenizeServing
 
 logger = logging.getLogger("ray.serve")
 
@@ -175,6 +177,7 @@ class Router:
         self._chat = ChatServing(core)
         self._completions = CompletionServing(core)
         self._embeddings = EmbeddingServing(core)
+        self._tokenizer = TokenizeServing(core)
         self._catalog = ModelCatalog(app_config, models)
         self._max_body_bytes = app_config.router.max_body_bytes
         key_env = app_config.router.api_key_env
@@ -219,6 +222,16 @@ class Router:
     async def embeddings(self, request: Request) -> dict[str, Any]:
         body = parse_request(await _read_json_body(request, self._max_body_bytes), EmbeddingRequest)
         return await self._embeddings.embed(body)
+
+    @api.post("/tokenize", dependencies=[Depends(_authenticate)])
+    async def tokenize(self, request: Request) -> dict[str, Any]:
+        body = parse_request(await _read_json_body(request, self._max_body_bytes), TokenizeRequest)
+        return await self._tokenizer.tokenize(body)
+
+    @api.post("/detokenize", dependencies=[Depends(_authenticate)])
+    async def detokenize(self, request: Request) -> dict[str, Any]:
+        body = parse_request(await _read_json_body(request, self._max_body_bytes), DetokenizeRequest)
+        return await self._tokenizer.detokenize(body)
 
     # -- Python API (deployment handles), mirroring nika's infer* methods -------------
 

@@ -16,7 +16,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict
 
 from deployments.config import ModelConfig
-from deployments.engines.base import Delta, Engine, GenerationRequest, ModelFacts, Usage
+from deployments.engines.base import Delta, Engine, GenerationRequest, ModelFacts, Prompt, Usage
 from deployments.engines.gguf import LlamaCppEngine
 from deployments.errors import InferenceFailed, InvalidRequest, ModelNotLoaded
 
@@ -77,6 +77,16 @@ class FakeEngine(Engine):
     async def layer_types(self) -> dict[str, int]:
         """The fake's counters (the replica's one engine-specific query)."""
         return dict(self.counters)
+
+    async def tokenize(self, prompt: Prompt, add_special: bool = True) -> list[int]:
+        """A token per word: the prompt's, or each message's content after its role."""
+        if not self._loaded:
+            raise ModelNotLoaded(f"model {self.config.name} is not loaded")
+        words = (prompt.prompt or "").split() + [w for m in prompt.messages for w in (m["role"], *m["content"].split())]
+        return [len(w) for w in words]
+
+    async def detokenize(self, tokens: list[int]) -> str:
+        return " ".join("x" * t for t in tokens)
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[Delta]:
         if not self._loaded:

@@ -68,18 +68,24 @@ class SamplingParams(BaseModel):
         return bool(self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1.0)
 
 
-class GenerationRequest(BaseModel):
-    """What crosses the handle from router to replica: small, serializable, engine-ready."""
+class Prompt(BaseModel):
+    """What a prompt is made of: raw text, or messages (and tools) for the chat template.
+    ``Engine.tokenize`` takes one; a generation request is one, with how to generate."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    request_id: str
     messages: tuple[dict[str, Any], ...] = Field(
         default=(), description="Chat messages: string content, or parts {type: text, text} / {type: image} in order."
     )
     prompt: str | None = Field(default=None, description="Raw text instead of messages (text completions).")
     images: tuple[bytes, ...] = Field(default=(), description="Verified image bytes, one per image part, in order.")
     tools: tuple[dict[str, Any], ...] = Field(default=(), description="OpenAI tool specs, for the chat template.")
+
+
+class GenerationRequest(Prompt):
+    """What crosses the handle from router to replica: small, serializable, engine-ready."""
+
+    request_id: str
     sampling: SamplingParams
     stream_interval_s: float = Field(
         default=0.0, ge=0.0, description="Coalesce deltas into one chunk per interval after the first; 0: every delta."
@@ -272,6 +278,16 @@ class Engine(abc.ABC):
         raise InvalidRequest(
             f"model {self.config.name} is not configured for embeddings", code="embeddings_not_supported"
         )
+
+    @abc.abstractmethod
+    async def tokenize(self, prompt: Prompt, add_special: bool = True) -> list[int]:
+        """The token ids a generation from ``prompt`` starts with: raw text as it is (after the
+        model's special opening tokens, unless ``add_special`` is false), or the messages through
+        the model's chat template with the generation prompt. Requires a loaded model."""
+
+    @abc.abstractmethod
+    async def detokenize(self, tokens: list[int]) -> str:
+        """The text of ``tokens``; an id outside the vocabulary is an ``InvalidRequest``."""
 
     @abc.abstractmethod
     def generate(self, request: GenerationRequest) -> AsyncIterator[Delta]:

@@ -10,6 +10,7 @@ cancelled or disconnected request leaves the batch at the next step and frees it
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import logging
 from collections import Counter
 from collections.abc import AsyncIterator
@@ -21,7 +22,7 @@ import gguf
 
 from deployments.config import GGUFModelConfig
 from deployments.engines import llama_log
-from deployments.engines.base import Delta, Embeddings, Engine, GenerationRequest, ModelFacts
+from deployments.engines.base import Delta, Embeddings, Engine, GenerationRequest, ModelFacts, Prompt
 from deployments.engines.llama_embedding import POOLING, SEQUENCES_PER_BATCH, Embedder
 from deployments.engines.llama_sampling import RANDOM_SEED, Samplers
 from deployments.engines.llama_scheduler import END, Scheduler, Sequence
@@ -207,17 +208,45 @@ class LlamaCppEngine(Engine):
 
     # -- generation --------------------------------------------------------------------
 
-    def _prompt_tokens(self, request: GenerationRequest) -> list[int]:
-        if request.prompt is not None:  # a text completion: the text as it is, after BOS
-            text, add_bos = request.prompt, True
+    def _tokens(self, prompt: Prompt, add_special: bool = True) -> list[int]:
+        model = self._model
+        if model is None:
+            raise ModelNotLoaded(f"model {self.config.name} is not loaded")
+        if prompt.prompt is not None:  # a text completion: the text as it is, after BOS
+            text, add_bos = prompt.prompt, add_special
+        elif self._formatter is None:
+            raise InvalidRequest(f"model {self.config.name} serves embeddings: it has no chat template, send a prompt")
         else:
-            messages, tools = template_input(request.messages, request.tools, self._formatter.template)
+            messages, tools = template_input(prompt.messages, prompt.tools, self._formatter.template)
             try:
-                prompt = self._formatter(messages=messages, tools=tools)
+                rendered = self._formatter(messages=messages, tools=tools)
             except Exception as exc:  # the template's raise_exception, or a Jinja error on these messages
                 raise InvalidRequest(f"the messages do not fit the model's chat template: {exc}") from None
-            text, add_bos = prompt.prompt, not prompt.added_special
-        tokens = self._model.tokenize(text.encode(), add_bos=add_bos, special=True)
+            text, add_bos = rendered.prompt, not rendered.added_special
+        return model.tokenize(text.encode(), add_bos=add_bos, special=True)
+
+    async def tokenize(self, prompt: Prompt, add_special: bool = True) -> list[int]:
+        return self._tokens(prompt, add_special)
+
+    async def detokenize(self, tokens: list[int]) -> str:
+        import llama_cpp
+
+        model = self._model
+        if model is None:
+            raise ModelNotLoaded(f"model {self.config.name} is not loaded")
+        if bad := sorted({t for t in tokens if not 0 <= t < model.n_vocab()}):
+            raise InvalidRequest(f"tokens {bad[:8]} are not in the vocabulary (0..{model.n_vocab() - 1})")
+        ids = (llama_cpp.llama_token * len(tokens))(*tokens)
+        size = 16 + 8 * len(tokens)
+        while True:
+            buffer = ctypes.create_string_buffer(size)
+            n = llama_cpp.llama_detokenize(model.vocab, ids, len(tokens), buffer, size, False, True)
+            if n >= 0:
+                return buffer.raw[:n].decode("utf-8", errors="replace")
+            size = -n  # too small: llama.cpp says how long the text is
+
+    def _prompt_tokens(self, request: GenerationRequest) -> list[int]:
+        tokens = self._tokens(request)
         max_tokens = request.sampling.max_tokens
         if not tokens or len(tokens) + max_tokens > self.config.context_size:
             raise InvalidRequest(

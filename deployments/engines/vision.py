@@ -21,7 +21,16 @@ from pathlib import Path
 from typing import Any
 
 from deployments.config import VisionModelConfig
-from deployments.engines.base import Delta, Engine, GenerationRequest, ModelFacts, SamplingParams, TokenLogprob, Usage
+from deployments.engines.base import (
+    Delta,
+    Engine,
+    GenerationRequest,
+    ModelFacts,
+    Prompt,
+    SamplingParams,
+    TokenLogprob,
+    Usage,
+)
 from deployments.errors import InferenceFailed, InvalidRequest, ModelLoadFailed, ModelNotLoaded
 from deployments.images import open_rgb
 from deployments.quantization import resolve_isq
@@ -190,7 +199,25 @@ class VLLMEngine(Engine):
 
     # -- generation --------------------------------------------------------------------
 
-    def _prompt(self, request: GenerationRequest) -> dict[str, Any]:
+    async def tokenize(self, prompt: Prompt, add_special: bool = True) -> list[int]:
+        if self._tokenizer is None:
+            raise ModelNotLoaded(f"model {self.config.name} is not loaded")
+        if prompt.images or any(isinstance(m.get("content"), list) for m in prompt.messages):
+            raise InvalidRequest(
+                "cannot count the tokens of images: vLLM's processor turns each into the model's own "
+                "number of tokens while it generates; send the text only"
+            )
+        # What vLLM does with the prompt text generate hands it (special tokens per its tokenizer).
+        return self._tokenizer.encode(self._prompt(prompt)["prompt"], add_special_tokens=add_special)
+
+    async def detokenize(self, tokens: list[int]) -> str:
+        if self._tokenizer is None:
+            raise ModelNotLoaded(f"model {self.config.name} is not loaded")
+        if bad := sorted({t for t in tokens if not 0 <= t < len(self._tokenizer)}):
+            raise InvalidRequest(f"tokens {bad[:8]} are not in the vocabulary (0..{len(self._tokenizer) - 1})")
+        return self._tokenizer.decode(tokens)
+
+    def _prompt(self, request: Prompt) -> dict[str, Any]:
         if request.prompt is not None:  # a text completion: the text as it is
             return {"prompt": request.prompt}
         try:

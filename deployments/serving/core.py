@@ -117,9 +117,7 @@ class ServingCore:
 
     def model(self, name: str, embeddings: bool = False) -> ModelConfig:
         """The model called ``name``, if it serves this kind of call (embeddings, or text)."""
-        model = self.models.get(name)
-        if model is None:
-            raise ModelNotFound(f"model {name!r} not found; available models: {', '.join(sorted(self.models))}")
+        model = self._named(name)
         if model.serves_embeddings != embeddings:
             others = sorted(m.name for m in self.config.models if m.serves_embeddings == embeddings)
             what = "POST /v1/embeddings" if embeddings else "chat and text completions"
@@ -128,6 +126,21 @@ class ServingCore:
                 + (f"models that do: {', '.join(others)}" if others else "no configured model does"),
                 code="embeddings_not_supported" if embeddings else "model_serves_embeddings",
             )
+        return model
+
+    def any_model(self, name: str | None) -> ModelConfig:
+        """The model called ``name``, of any kind; unnamed, the app's only model (llama-server's
+        own calls name none)."""
+        if name is not None:
+            return self._named(name)
+        if len(self.models) > 1:
+            raise InvalidRequest(f"model: required, this app serves several: {', '.join(sorted(self.models))}")
+        return next(iter(self.models.values()))
+
+    def _named(self, name: str) -> ModelConfig:
+        model = self.models.get(name)
+        if model is None:
+            raise ModelNotFound(f"model {name!r} not found; available models: {', '.join(sorted(self.models))}")
         return model
 
     def sampling(
@@ -182,6 +195,23 @@ class ServingCore:
             if bound is not None and value > bound:
                 raise InvalidRequest(f"{name}={value:g} exceeds the maximum of {bound:g} for model {model.name}")
         return requested.merged_over(model.deadlines.default)
+
+    # -- calls -------------------------------------------------------------------------
+
+    async def call(self, model: ModelConfig, method: str, *args: Any, timeout_s: float) -> Any:
+        """One unary call to the model's replicas within ``timeout_s``, its errors classified."""
+        response = getattr(self.handles[model.name], method).remote(*args)
+        try:
+            return await asyncio.wait_for(response, timeout_s)
+        except TimeoutError:
+            cancel(response)
+            raise InferenceTimeout(
+                f"model {model.name} did not answer within request_timeout_s={timeout_s:g}"
+            ) from None
+        except ServeError:
+            raise
+        except Exception as exc:
+            raise as_serve_error(exc) from exc
 
     # -- generation --------------------------------------------------------------------
 

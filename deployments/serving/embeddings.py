@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import asyncio
 from typing import Any
 
-from deployments.errors import InferenceTimeout, ServeError, as_serve_error
 from deployments.protocol.embeddings import EmbeddingRequest, embeddings_body
-from deployments.serving.core import ServingCore, cancel
+from deployments.serving.core import ServingCore
 
 
 class EmbeddingServing:
@@ -18,14 +16,5 @@ class EmbeddingServing:
         """One OpenAI embeddings list, within the request's deadline."""
         model = self._core.model(body.model, embeddings=True)
         deadline = self._core.deadlines(body.deadlines, model).request_timeout_s
-        response = self._core.handles[model.name].embed.remote(body.inputs)
-        try:
-            embeddings = await asyncio.wait_for(response, deadline)
-        except TimeoutError:
-            cancel(response)
-            raise InferenceTimeout(f"no embeddings within request_timeout_s={deadline:g}") from None
-        except ServeError:
-            raise
-        except Exception as exc:
-            raise as_serve_error(exc) from exc
+        embeddings = await self._core.call(model, "embed", body.inputs, timeout_s=deadline)
         return embeddings_body(model.name, embeddings, body.encoding_format)

@@ -67,3 +67,28 @@ def test_a_loaded_card_says_what_the_file_says(fake_app: FakeApp) -> None:
     assert card["status"] == "loaded" and card["replicas"] == {"loaded": 1}
     assert card["name"] == "fake-model-Q4_K_M" and card["quantization"] == "Q4_K_M"
     assert card["size_bytes"] == fake_app.gguf.stat().st_size
+
+
+def test_tokenize_takes_vllm_s_shape_and_llama_server_s(fake_app: FakeApp) -> None:
+    """The fake engine's tokens are its words' lengths; a message's role is a word too."""
+    tokenize = fake_app.http.post("/tokenize", json={"model": "fake", "prompt": "ab cde"})
+    assert tokenize.json() == {"count": 2, "max_model_len": 2048, "tokens": [2, 3]}
+    chat = {"model": "fake", "messages": [{"role": "user", "content": "ab"}]}
+    assert fake_app.http.post("/tokenize", json=chat).json()["tokens"] == [4, 2]
+    # llama-server's: content, and no model (the app serves one)
+    assert fake_app.http.post("/tokenize", json={"content": "abc"}).json()["tokens"] == [3]
+    assert fake_app.http.post("/detokenize", json={"tokens": [1, 2]}).json() == {"prompt": "x xx", "content": "x xx"}
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "fragment"),
+    [
+        ({"model": "fake"}, 400, "one of prompt, content or messages"),
+        ({"model": "fake", "prompt": "a", "content": "b"}, 400, "one of prompt, content or messages"),
+        ({"model": "fake", "prompt": "a", "with_pieces": True}, 400, "with_pieces: unknown field"),
+        ({"model": "nope", "prompt": "a"}, 404, "'nope' not found"),
+    ],
+)
+def test_tokenize_says_what_to_fix(fake_app: FakeApp, body: dict[str, object], status: int, fragment: str) -> None:
+    response = fake_app.http.post("/tokenize", json=body)
+    assert response.status_code == status and fragment in response.json()["error"]["message"]
