@@ -13,7 +13,7 @@ import hmac
 import ipaddress
 import logging
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import aclosing
 from typing import Any
 
@@ -28,6 +28,7 @@ from deployments.config import AppConfig, RouterConfig
 from deployments.errors import (
     InvalidRequest,
     PayloadTooLarge,
+    ServeError,
     Unauthorized,
     UnsupportedMediaType,
     as_serve_error,
@@ -35,14 +36,18 @@ from deployments.errors import (
 )
 from deployments.metrics import router_metrics
 from deployments.protocol.chat import ChatCompletionRequest
-from deployments.protocol.common import SSE_DONE, sse_event
+from deployments.protocol.common import OPENAI_EVENTS, EventStream
 from deployments.protocol.completions import CompletionRequest
 from deployments.protocol.embeddings import EmbeddingRequest
+from deployments.protocol.messages import EVENTS as MESSAGE_EVENTS
+from deployments.protocol.messages import CountTokensRequest, MessagesRequest
+from deployments.protocol.messages import error_body as message_error_body
 from deployments.protocol.tokenize import DetokenizeRequest, TokenizeRequest
 from deployments.serving.chat import ChatServing
 from deployments.serving.completions import CompletionServing
 from deployments.serving.core import ServingCore, new_request_id, parse_request
 from deployments.serving.embeddings import EmbeddingServing
+from deployments.serving.messages import MessagesServing
 from deployments.serving.models import ModelCatalog
 from deployments.serving.tokenize import TokenizeServing
 
@@ -51,16 +56,21 @@ logger = logging.getLogger("ray.serve")
 api = FastAPI(title="nika-serve", description="OpenAI-compatible chat for local GGUF and vision models")
 
 
-async def _any_error(_: Request, exc: Exception) -> JSONResponse:
-    """Every error a route raises, ours or not, leaves as one OpenAI-shaped body."""
-    return error_response(exc)
+def _error_body(path: str) -> Callable[[ServeError], dict[str, Any]]:
+    """Each API's own error shape: Anthropic's under /v1/messages, OpenAI's elsewhere."""
+    return message_error_body if path.startswith("/v1/messages") else ServeError.to_body
+
+
+async def _any_error(request: Request, exc: Exception) -> JSONResponse:
+    """Every error a route raises, ours or not, leaves as one body in its API's shape."""
+    return error_response(exc, _error_body(request.url.path))
 
 
 async def _http_error(request: Request, exc: HTTPException) -> JSONResponse:
     """Starlette's own errors (no such route, wrong method) in the same shape, with their status."""
     code = "not_found" if exc.status_code == 404 else f"http_{exc.status_code}"
-    body = InvalidRequest(f"{request.method} {request.url.path}: {exc.detail}", code=code).to_body()
-    return JSONResponse(body, exc.status_code, headers=exc.headers)
+    error = InvalidRequest(f"{request.method} {request.url.path}: {exc.detail}", code=code)
+    return JSONResponse(_error_body(request.url.path)(error), exc.status_code, headers=exc.headers)
 
 
 def install_error_handlers(app: FastAPI) -> None:
@@ -78,22 +88,26 @@ def install_error_handlers(app: FastAPI) -> None:
 install_error_handlers(api)
 
 
-def error_response(exc: BaseException) -> JSONResponse:
+def error_response(
+    exc: BaseException, body: Callable[[ServeError], dict[str, Any]] = ServeError.to_body
+) -> JSONResponse:
     error = as_serve_error(exc)
     if error.status_code < 500 or error.status_code == 503:
         router_metrics().rejected_requests.inc(tags={"cause": error.code})
-    return JSONResponse(error.to_body(), status_code=error.status_code, headers=error.headers())
+    return JSONResponse(body(error), status_code=error.status_code, headers=error.headers())
 
 
 async def _authenticate(request: Request) -> None:
-    """Require ``Authorization: Bearer <key>`` when the router has an API key (async: FastAPI
-    would run a plain function on its thread pool, a thread hop per request)."""
+    """Require the router's API key, when it has one, as ``Authorization: Bearer <key>`` (OpenAI's
+    clients) or ``x-api-key: <key>`` (Anthropic's). Async: FastAPI would run a plain function on
+    its thread pool, a thread hop per request."""
     key: str | None = getattr(request.app.state, "api_key", None)
     if key is None:
         return
     scheme, _, token = request.headers.get("authorization", "").partition(" ")
-    if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), key.encode()):
-        raise Unauthorized("missing or invalid API key: send `Authorization: Bearer <key>`")
+    token = token if scheme.lower() == "bearer" else request.headers.get("x-api-key", "")
+    if not hmac.compare_digest(token.strip().encode(), key.encode()):
+        raise Unauthorized("missing or invalid API key: send `Authorization: Bearer <key>` or `x-api-key: <key>`")
 
 
 async def _read_json_body(request: Request, limit: int) -> bytes:
@@ -112,25 +126,30 @@ async def _read_json_body(request: Request, limit: int) -> bytes:
     return bytes(body)
 
 
-async def _sse(first: dict[str, Any], chunks: AsyncIterator[dict[str, Any]]) -> AsyncIterator[bytes]:
+async def _sse(
+    first: dict[str, Any], chunks: AsyncIterator[dict[str, Any]], framing: EventStream
+) -> AsyncIterator[bytes]:
     async with aclosing(chunks):
         try:
-            yield sse_event(first)
+            yield framing.event(first)
             async for chunk in chunks:
-                yield sse_event(chunk)
+                yield framing.event(chunk)
         except Exception as exc:  # headers are out: the error travels as the last event
-            yield sse_event(as_serve_error(exc).to_body())
-        yield SSE_DONE
+            yield framing.event(framing.error(as_serve_error(exc)))
+        if framing.done:
+            yield framing.done
 
 
-async def _streaming_response(chunks: AsyncIterator[dict[str, Any]]) -> StreamingResponse:
+async def _streaming_response(
+    chunks: AsyncIterator[dict[str, Any]], framing: EventStream = OPENAI_EVENTS
+) -> StreamingResponse:
     """SSE once the first chunk is in: an error before it is still a real status."""
     try:
         first = await anext(chunks)
     except BaseException:
         await chunks.aclose()
         raise
-    return StreamingResponse(_sse(first, chunks), media_type="text/event-stream")
+    return StreamingResponse(_sse(first, chunks, framing), media_type="text/event-stream")
 
 
 def _warn_if_open() -> None:
@@ -175,6 +194,7 @@ class Router:
         app_config = AppConfig.model_validate(config)
         core = ServingCore(app_config, models)
         self._chat = ChatServing(core)
+        self._messages = MessagesServing(core, self._chat)
         self._completions = CompletionServing(core)
         self._embeddings = EmbeddingServing(core)
         self._tokenizer = TokenizeServing(core)
@@ -222,6 +242,21 @@ class Router:
     async def embeddings(self, request: Request) -> dict[str, Any]:
         body = parse_request(await _read_json_body(request, self._max_body_bytes), EmbeddingRequest)
         return await self._embeddings.embed(body)
+
+    @api.post("/v1/messages", dependencies=[Depends(_authenticate)])
+    async def messages(self, request: Request) -> Any:
+        """Anthropic's Messages API (its error shape, its event stream)."""
+        body = parse_request(await _read_json_body(request, self._max_body_bytes), MessagesRequest)
+        message_id = new_request_id("msg")
+        prepared = await self._messages.prepare(body, message_id)
+        if not body.stream:
+            return JSONResponse(await self._messages.complete(prepared, message_id))
+        return await _streaming_response(self._messages.stream(prepared, message_id), MESSAGE_EVENTS)
+
+    @api.post("/v1/messages/count_tokens", dependencies=[Depends(_authenticate)])
+    async def count_tokens(self, request: Request) -> dict[str, Any]:
+        body = parse_request(await _read_json_body(request, self._max_body_bytes), CountTokensRequest)
+        return await self._messages.count_tokens(body)
 
     @api.post("/tokenize", dependencies=[Depends(_authenticate)])
     async def tokenize(self, request: Request) -> dict[str, Any]:

@@ -213,7 +213,7 @@ class ToolCallFilter:
             return Delta(text, logprobs=delta.logprobs), []
         rest, calls = self.finish()
         reason = "tool_calls" if calls else delta.finish_reason
-        return Delta(text + rest, reason, delta.usage, delta.logprobs), calls
+        return Delta(text + rest, reason, delta.usage, delta.logprobs, delta.stop_sequence), calls
 
     def push(self, text: str) -> str:
         """The part of ``text`` that is surely content."""

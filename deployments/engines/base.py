@@ -133,6 +133,7 @@ class Delta:
     finish_reason: str | None = None
     usage: Usage | None = None
     logprobs: tuple[TokenLogprob, ...] = ()  # of the tokens behind this delta, when the request asks
+    stop_sequence: str | None = None  # the stop string that ended the stream (finish_reason "stop")
 
     @staticmethod
     def join(deltas: Sequence[Delta]) -> Delta:
@@ -140,7 +141,8 @@ class Delta:
         if len(deltas) == 1:
             return deltas[0]
         logprobs = tuple(lp for d in deltas for lp in d.logprobs)
-        return Delta("".join(d.text for d in deltas), deltas[-1].finish_reason, deltas[-1].usage, logprobs)
+        last = deltas[-1]
+        return Delta("".join(d.text for d in deltas), last.finish_reason, last.usage, logprobs, last.stop_sequence)
 
 
 @dataclass(frozen=True, slots=True)

@@ -691,7 +691,7 @@ class Scheduler:
         seq = slot.seq
         assert seq is not None
         usage = Usage(len(seq.prompt), seq.generated, seq.cached)
-        seq.pending.append(Delta(text + seq.text.flush(), finish_reason=reason, usage=usage, logprobs=logprobs))
+        seq.pending.append(Delta(text + seq.text.flush(), reason, usage, logprobs, seq.text.stop))
         self._flush(seq, time.monotonic())
         seq.emit(END)
         self._release(slot, keep_cache=True)

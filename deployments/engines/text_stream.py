@@ -18,13 +18,17 @@ class TextStream:
     is ever returned.
     """
 
-    __slots__ = ("_decoder", "_pending", "_stops", "stopped")
+    __slots__ = ("_decoder", "_pending", "_stops", "stop")
 
     def __init__(self, stops: Sequence[str] = ()) -> None:
         self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         self._stops = tuple(stops)
         self._pending = ""  # decoded, held back: it may begin a stop string
-        self.stopped = False
+        self.stop: str | None = None  # the stop string that ended the stream
+
+    @property
+    def stopped(self) -> bool:
+        return self.stop is not None
 
     def push(self, piece: bytes) -> str:
         """Add a token's bytes; return the text that may be sent now (sets ``stopped`` on a stop string)."""
@@ -33,9 +37,10 @@ class TextStream:
         text = self._pending + self._decoder.decode(piece)
         if not self._stops:
             return text
-        cut = min((i for stop in self._stops if (i := text.find(stop)) >= 0), default=-1)
-        if cut >= 0:
-            self._pending, self.stopped = "", True
+        found = [(i, stop) for stop in self._stops if (i := text.find(stop)) >= 0]
+        if found:
+            cut, self.stop = min(found)
+            self._pending = ""
             return text[:cut]
         keep = self._partial_stop_length(text)
         self._pending = text[len(text) - keep :] if keep else ""

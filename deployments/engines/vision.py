@@ -294,7 +294,8 @@ class VLLMEngine(Engine):
                         yield Delta(completion.text, logprobs=logprobs)
                     if output.finished and completion.finish_reason != "abort":  # abort: ended by unload
                         usage = Usage(prompt_tokens, completion_tokens)
-                        yield Delta("", finish_reason=completion.finish_reason or "stop", usage=usage)
+                        stop = completion.stop_reason if isinstance(completion.stop_reason, str) else None
+                        yield Delta("", completion.finish_reason or "stop", usage, stop_sequence=stop)
         except (ValueError, VLLMClientError) as exc:
             if accepted:  # vLLM validates a request (prompt length, logit bias, ...) before its first output
                 raise

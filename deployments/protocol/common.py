@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, field_validator, model_validator
@@ -18,6 +20,7 @@ from pydantic_core import PydanticCustomError
 from deployments import constants as C
 from deployments.config import Deadlines
 from deployments.engines.base import ModelInfo, Usage
+from deployments.errors import ServeError
 
 
 class Strict(BaseModel):
@@ -205,3 +208,16 @@ SSE_DONE = b"data: [DONE]\n\n"
 
 def sse_event(body: dict[str, Any]) -> bytes:
     return b"data: " + json.dumps(body, separators=(",", ":")).encode() + b"\n\n"
+
+
+@dataclass(frozen=True, slots=True)
+class EventStream:
+    """How an API frames a streamed response: each event, the error that ends a stream whose
+    headers are already out, and the closing bytes."""
+
+    event: Callable[[dict[str, Any]], bytes]
+    error: Callable[[ServeError], dict[str, Any]]
+    done: bytes
+
+
+OPENAI_EVENTS = EventStream(event=sse_event, error=ServeError.to_body, done=SSE_DONE)

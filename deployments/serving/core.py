@@ -304,5 +304,5 @@ class ServingCore:
         for text, final, lps in zip(parts, finals, logprobs, strict=True):
             # The replica ends every stream with its final delta, or raises (Engine.generate's contract).
             assert final is not None and final.finish_reason is not None and final.usage is not None
-            out.append((Delta("".join(text), final.finish_reason, final.usage), lps))
+            out.append((Delta("".join(text), final.finish_reason, final.usage, stop_sequence=final.stop_sequence), lps))
         return out

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import anthropic
 import httpx
 import openai
 import pytest
@@ -32,3 +33,10 @@ def test_an_api_key_guards_every_route_but_healthz(app: ServeApp) -> None:
             )
             with pytest.raises(openai.AuthenticationError):
                 openai.OpenAI(base_url=f"{base_url}/v1", api_key="nope", max_retries=0).models.list()
+            # Anthropic's clients send the key as x-api-key, and read errors in Anthropic's shape.
+            claude = anthropic.Anthropic(base_url=base_url, api_key="sekret", max_retries=0)
+            hello = {"model": "tiny", "max_tokens": 2, "messages": [{"role": "user", "content": "hi"}]}
+            assert claude.messages.create(**hello).content
+            with pytest.raises(anthropic.AuthenticationError) as refused:
+                anthropic.Anthropic(base_url=base_url, api_key="nope", max_retries=0).messages.create(**hello)
+            assert refused.value.body["error"]["type"] == "authentication_error"  # type: ignore[index]

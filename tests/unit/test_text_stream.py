@@ -35,3 +35,10 @@ def test_the_earliest_of_several_stop_strings_wins() -> None:
 def test_invalid_bytes_become_replacement_characters_not_errors() -> None:
     out, rest, _ = run([b"\xff", b"ok"])
     assert "".join(out) + rest == "\ufffdok"
+
+
+def test_the_stream_names_the_stop_string_that_ended_it_the_earliest_in_the_text() -> None:
+    stream = TextStream(["END", "x"])
+    assert stream.push(b"abc") == "abc" and stream.stop is None
+    assert stream.push(b"dEND and x") == "d"
+    assert stream.stopped and stream.stop == "END"
