@@ -42,6 +42,8 @@ from deployments.protocol.embeddings import EmbeddingRequest
 from deployments.protocol.messages import EVENTS as MESSAGE_EVENTS
 from deployments.protocol.messages import CountTokensRequest, MessagesRequest
 from deployments.protocol.messages import error_body as message_error_body
+from deployments.protocol.responses import EVENTS as RESPONSE_EVENTS
+from deployments.protocol.responses import ResponsesRequest
 from deployments.protocol.tokenize import DetokenizeRequest, TokenizeRequest
 from deployments.serving.chat import ChatServing
 from deployments.serving.completions import CompletionServing
@@ -49,6 +51,7 @@ from deployments.serving.core import ServingCore, new_request_id, parse_request
 from deployments.serving.embeddings import EmbeddingServing
 from deployments.serving.messages import MessagesServing
 from deployments.serving.models import ModelCatalog
+from deployments.serving.responses import ResponsesServing
 from deployments.serving.tokenize import TokenizeServing
 
 logger = logging.getLogger("ray.serve")
@@ -195,6 +198,7 @@ class Router:
         core = ServingCore(app_config, models)
         self._chat = ChatServing(core)
         self._messages = MessagesServing(core, self._chat)
+        self._responses = ResponsesServing(self._chat)
         self._completions = CompletionServing(core)
         self._embeddings = EmbeddingServing(core)
         self._tokenizer = TokenizeServing(core)
@@ -242,6 +246,16 @@ class Router:
     async def embeddings(self, request: Request) -> dict[str, Any]:
         body = parse_request(await _read_json_body(request, self._max_body_bytes), EmbeddingRequest)
         return await self._embeddings.embed(body)
+
+    @api.post("/v1/responses", dependencies=[Depends(_authenticate)])
+    async def responses(self, request: Request) -> Any:
+        """OpenAI's Responses API, stateless (its named-event stream)."""
+        body = parse_request(await _read_json_body(request, self._max_body_bytes), ResponsesRequest)
+        response_id = new_request_id("resp")
+        prepared = await self._responses.prepare(body, response_id)
+        if not body.stream:
+            return JSONResponse(await self._responses.complete(prepared, body, response_id))
+        return await _streaming_response(self._responses.stream(prepared, body, response_id), RESPONSE_EVENTS)
 
     @api.post("/v1/messages", dependencies=[Depends(_authenticate)])
     async def messages(self, request: Request) -> Any:

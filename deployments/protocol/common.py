@@ -210,6 +210,11 @@ def sse_event(body: dict[str, Any]) -> bytes:
     return b"data: " + json.dumps(body, separators=(",", ":")).encode() + b"\n\n"
 
 
+def named_sse_event(body: dict[str, Any]) -> bytes:
+    """The framing of Anthropic's stream and of OpenAI's Responses stream: each event named by its type."""
+    return f"event: {body['type']}\ndata: ".encode() + json.dumps(body, separators=(",", ":")).encode() + b"\n\n"
+
+
 @dataclass(frozen=True, slots=True)
 class EventStream:
     """How an API frames a streamed response: each event, the error that ends a stream whose

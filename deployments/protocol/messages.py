@@ -19,7 +19,7 @@ from pydantic_core import PydanticCustomError
 from deployments import constants as C
 from deployments.engines.base import Delta, Usage
 from deployments.errors import ServeError
-from deployments.protocol.common import EventStream, Strict
+from deployments.protocol.common import EventStream, Strict, named_sse_event
 from deployments.tools import JsonSchemaDict, ToolCall
 
 
@@ -423,9 +423,4 @@ def error_body(error: ServeError) -> dict[str, Any]:
     return {"type": "error", "error": {"type": kind, "message": error.message}}
 
 
-def sse_event(body: dict[str, Any]) -> bytes:
-    """Anthropic's framing: each event named by its type."""
-    return f"event: {body['type']}\ndata: ".encode() + json.dumps(body, separators=(",", ":")).encode() + b"\n\n"
-
-
-EVENTS = EventStream(event=sse_event, error=error_body, done=b"")
+EVENTS = EventStream(event=named_sse_event, error=error_body, done=b"")

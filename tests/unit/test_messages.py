@@ -10,13 +10,13 @@ import pytest
 from deployments.engines.base import Delta, Usage
 from deployments.errors import InvalidRequest, ModelNotFound, Overloaded, Unauthorized
 from deployments.protocol.chat import ChatCompletionRequest
+from deployments.protocol.common import named_sse_event
 from deployments.protocol.messages import (
     CountTokensRequest,
     MessageEvents,
     MessagesRequest,
     error_body,
     message_body,
-    sse_event,
 )
 from deployments.serving.core import parse_request
 from deployments.tools import ToolCall
@@ -167,7 +167,7 @@ def test_a_streamed_message_opens_closes_and_numbers_its_blocks() -> None:
     assert json.loads(stream[6]["delta"]["partial_json"]) == {"city": "Oslo"}
     assert stream[8]["delta"] == {"stop_reason": "tool_use", "stop_sequence": None}
     assert stream[8]["usage"]["input_tokens"] == 7 and stream[8]["usage"]["output_tokens"] == 9
-    assert sse_event(stream[-1]) == b'event: message_stop\ndata: {"type":"message_stop"}\n\n'
+    assert named_sse_event(stream[-1]) == b'event: message_stop\ndata: {"type":"message_stop"}\n\n'
 
 
 def test_errors_take_anthropic_s_shape_and_type_by_status() -> None:
