@@ -7,6 +7,8 @@ into :class:`AppConfig`. Every model is strict (unknown keys are errors), so a t
 
 from __future__ import annotations
 
+import json
+import sys
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal
 
@@ -22,6 +24,15 @@ from pydantic import (
 )
 
 from deployments import constants as C
+from deployments.placement import (
+    LayoutError,
+    NodeType,
+    Placement,
+    Strategy,
+    node_types_of,
+    node_types_of_rayservice,
+)
+from deployments.placement import layout_problems as layout_problems_of
 
 # Keys Serve accepts in ``ray_actor_options`` (see ``ray.serve.api.deployment``).
 _RAY_ACTOR_OPTION_KEYS = {
@@ -141,6 +152,11 @@ class DeploymentOptions(StrictModel):
             raise ValueError("set either num_replicas or autoscaling_config, not both")
         return self
 
+    @property
+    def gpus(self) -> float:
+        """The GPUs one replica spans (``ray_actor_options.num_gpus``; a fraction shares one)."""
+        return float((self.ray_actor_options or {}).get("num_gpus", 0))
+
     def serve_options(self, defaults: dict[str, Any], env: dict[str, str] | None = None) -> dict[str, Any]:
         """Keyword arguments for ``Deployment.options``: what is set here, over ``defaults``.
 
@@ -185,13 +201,35 @@ class ModelConfigBase(StrictModel):
         """Whether the model answers POST /v1/embeddings (and nothing else)."""
         return False
 
+    @property
+    def layout(self) -> dict[str, Any]:
+        """Where one replica runs, as ``/v1/models`` shows it: its GPUs and how the model is split."""
+        return {"gpus": self.deployment.gpus}
+
 
 class GGUFModelConfig(ModelConfigBase):
     """A text model in a local GGUF file, served by llama.cpp."""
 
     kind: Literal["gguf"] = "gguf"
     path: Path = Field(description="Local GGUF file; relative paths resolve against the working directory.")
-    gpu_layers: int = Field(default=0, ge=-1, description="Layers offloaded to the GPU; -1 offloads all.")
+    gpu_layers: int | None = Field(
+        default=None,
+        ge=-1,
+        description="Layers offloaded to the GPU; -1 offloads all. Default: all when the replica reserves GPUs "
+        "(ray_actor_options.num_gpus), none otherwise (a laptop's Metal GPU needs it set: Ray does not count it).",
+    )
+    split_mode: Literal["none", "layer", "row"] | None = Field(
+        default=None,
+        description="How llama.cpp splits the model over the GPUs of one replica (num_gpus > 1): whole layers "
+        "per GPU (layer) or each layer's rows (row, tensor parallel). Default: layer over several GPUs, "
+        "none (all on main_gpu) on one.",
+    )
+    tensor_split: list[PositiveFloat] | None = Field(
+        default=None, description="Share of the model on each of the replica's GPUs, e.g. [3, 1]; default: even."
+    )
+    main_gpu: NonNegativeInt = Field(
+        default=0, description="The replica's GPU that holds the model (split_mode none) or intermediate results (row)."
+    )
     n_threads: PositiveInt | None = Field(
         default=None, description="llama.cpp threads, generation and prompt processing (default: the actor's CPUs)."
     )
@@ -243,6 +281,45 @@ class GGUFModelConfig(ModelConfigBase):
     @property
     def serves_embeddings(self) -> bool:
         return self.embeddings
+
+    @property
+    def layout(self) -> dict[str, Any]:
+        return super().layout | {
+            "gpu_layers": self.gpu_layers,
+            "split_mode": self.split_mode,
+            "tensor_split": self.tensor_split,
+            "main_gpu": self.main_gpu,
+        }
+
+    @model_validator(mode="after")
+    def _gpu_layout(self) -> GGUFModelConfig:
+        """One replica is one llama.cpp process on the GPUs Ray gives it (``num_gpus``)."""
+        gpus = self.deployment.gpus
+        if gpus > 1 and not gpus.is_integer():
+            raise ValueError(f"num_gpus={gpus:g}: a replica spans whole GPUs, or shares one (a fraction below 1)")
+        spanned = max(1, int(gpus))
+        if self.gpu_layers is None:
+            object.__setattr__(self, "gpu_layers", -1 if gpus else 0)
+        if self.split_mode is None:
+            object.__setattr__(self, "split_mode", "layer" if gpus > 1 else "none")
+        if self.split_mode != "none" and not gpus:
+            raise ValueError(
+                f"split_mode={self.split_mode} splits the model over GPUs, but the replica reserves none: "
+                "set deployment.ray_actor_options.num_gpus to the GPUs it spans"
+            )
+        if self.split_mode == "none" and gpus > 1:
+            raise ValueError(
+                f"num_gpus={gpus:g} with split_mode=none leaves all but main_gpu idle: "
+                "set split_mode layer (or row), or num_gpus 1"
+            )
+        if self.tensor_split is not None and (self.split_mode == "none" or len(self.tensor_split) != spanned):
+            raise ValueError(
+                f"tensor_split gives {len(self.tensor_split)} shares: it needs one per GPU of the replica "
+                f"(num_gpus={gpus:g}) and split_mode layer or row"
+            )
+        if self.main_gpu >= spanned:
+            raise ValueError(f"main_gpu={self.main_gpu} is not one of the replica's GPUs (0..{spanned - 1})")
+        return self
 
     @field_validator("parallel")
     @classmethod
@@ -301,12 +378,55 @@ class VisionModelConfig(ModelConfigBase):
         default=C.DEFAULT_KV_CACHE_BYTES, description="KV-cache size (vLLM kv_cache_memory_bytes)."
     )
     max_images: PositiveInt = Field(default=C.DEFAULT_MAX_IMAGES, description="Images per request.")
+    tensor_parallel_size: PositiveInt = Field(
+        default=1,
+        description="Workers each layer is split over, one GPU each (on CPU: processes); they share one node. "
+        "A replica then spans tensor_parallel_size x pipeline_parallel_size GPUs: set num_gpus to that.",
+    )
+    pipeline_parallel_size: PositiveInt = Field(
+        default=1,
+        description="Stages the layers are cut into, tensor_parallel_size workers each; stages may cross nodes.",
+    )
+    placement_strategy: Strategy | None = Field(
+        default=None,
+        description="How Ray places a parallel replica's workers (its placement group): STRICT_PACK on one node "
+        "(the default, and the only choice on CPU), PACK (the default with pipeline stages: one node if there is "
+        "room), SPREAD or STRICT_SPREAD (pipeline stages over nodes; not with tensor parallelism).",
+    )
+    worker_cpus: PositiveFloat = Field(
+        default=1, description="CPUs reserved for each worker of a parallel replica; on CPU also its threads."
+    )
+    gpu_memory_utilization: float | None = Field(
+        default=None,
+        gt=0,
+        le=1,
+        description="Share of each GPU's memory vLLM takes (weights, activations, KV cache). Default: 0.9 of the "
+        "replica's share of a GPU (0.45 with num_gpus 0.5). At most that share, so the replicas Ray packs on one "
+        "GPU fit in its memory together.",
+    )
 
     @property
     def platform(self) -> Literal["cpu", "cuda"]:
-        """Where the replicas run: on a GPU exactly when the deployment asks for one."""
-        gpus = (self.deployment.ray_actor_options or {}).get("num_gpus", 0)
-        return "cuda" if gpus else "cpu"
+        """Where the replicas run: on GPUs exactly when the deployment asks for them."""
+        return "cuda" if self.deployment.gpus else "cpu"
+
+    @property
+    def world_size(self) -> int:
+        """vLLM's workers per replica."""
+        return self.tensor_parallel_size * self.pipeline_parallel_size
+
+    @property
+    def layout(self) -> dict[str, Any]:
+        return super().layout | {
+            "tensor_parallel_size": self.tensor_parallel_size,
+            "pipeline_parallel_size": self.pipeline_parallel_size,
+            "placement_strategy": self.placement_strategy,
+            "gpu_memory_utilization": self.gpu_memory_utilization,
+        }
+
+    def checkpoint_config(self) -> dict[str, Any]:
+        """The checkpoint's ``config.json``."""
+        return json.loads((self.path / "config.json").read_text())
 
     @field_validator("path")
     @classmethod
@@ -318,15 +438,75 @@ class VisionModelConfig(ModelConfigBase):
 
     @model_validator(mode="after")
     def _platform_rules(self) -> VisionModelConfig:
-        from deployments.quantization import resolve_isq
+        from deployments.quantization import check_isq_on_gpu, resolve_isq
 
         multiple = C.BLOCK_SIZE_MULTIPLE[self.platform]
         if self.block_size % multiple:
             raise ValueError(f"block_size={self.block_size} must be a multiple of {multiple} on {self.platform}")
         if self.isq is not None:
-            resolve_isq(self.isq, self.platform)
+            method = resolve_isq(self.isq, self.platform)
             if self.dtype == "float32":
                 raise ValueError("isq needs dtype bfloat16 or float16 (or auto)")
+            accelerator = (self.deployment.ray_actor_options or {}).get("accelerator_type")
+            if self.platform == "cuda" and accelerator:
+                check_isq_on_gpu(method, accelerator)
+        return self
+
+    @model_validator(mode="after")
+    def _parallel_layout(self) -> VisionModelConfig:
+        """The layouts vLLM and Ray can run, refused here with what to change rather than at load."""
+        gpus, workers = self.deployment.gpus, self.world_size
+        if self.platform == "cuda":
+            if workers > 1 and gpus != workers:
+                raise ValueError(
+                    f"tensor_parallel_size x pipeline_parallel_size = {workers} workers, one GPU each: "
+                    f"set ray_actor_options.num_gpus to {workers} (the GPUs one replica spans), not {gpus:g}"
+                )
+            if workers == 1 and gpus > 1:
+                raise ValueError(
+                    f"num_gpus={gpus:g}: one vLLM worker uses one GPU; split the model with tensor_parallel_size "
+                    "(or pipeline_parallel_size) to use more, or share a GPU with a fraction below 1"
+                )
+            share = gpus / workers
+            if self.gpu_memory_utilization is None:
+                object.__setattr__(self, "gpu_memory_utilization", round(C.DEFAULT_GPU_MEMORY_UTILIZATION * share, 4))
+            elif self.gpu_memory_utilization > share + 1e-9:
+                raise ValueError(
+                    f"gpu_memory_utilization={self.gpu_memory_utilization:g} exceeds the replica's share of its GPU "
+                    f"({share:g}, from num_gpus): the replicas Ray packs on that GPU would ask for more memory than it "
+                    f"has; lower it to at most {share:g} or raise num_gpus"
+                )
+        elif self.gpu_memory_utilization is not None:
+            raise ValueError("gpu_memory_utilization sizes GPU memory; on CPU, kv_cache_bytes sizes the KV cache")
+        if workers == 1:
+            if self.placement_strategy is not None:
+                raise ValueError(
+                    "placement_strategy places the workers of a parallel replica; this one has a single worker "
+                    "(set tensor_parallel_size or pipeline_parallel_size)"
+                )
+            return self
+        if self.placement_strategy is None:
+            strategy = "STRICT_PACK" if self.pipeline_parallel_size == 1 else "PACK"
+            object.__setattr__(self, "placement_strategy", strategy)
+        if self.platform == "cpu" and self.placement_strategy != "STRICT_PACK":
+            raise ValueError(
+                f"placement_strategy={self.placement_strategy}: on CPU, vLLM's workers are processes of the replica "
+                "(its multiprocessing executor; vLLM's CPU platform has no Ray executor), so they share its node: "
+                "use STRICT_PACK"
+            )
+        if self.tensor_parallel_size > 1 and self.placement_strategy in ("SPREAD", "STRICT_SPREAD"):
+            raise ValueError(
+                f"placement_strategy={self.placement_strategy} would put tensor-parallel ranks on different nodes, "
+                "and they exchange activations in every layer: use STRICT_PACK or PACK (pipeline stages may spread)"
+            )
+        text = self.checkpoint_config().get("text_config") or self.checkpoint_config()
+        heads, layers = text.get("num_attention_heads"), text.get("num_hidden_layers")
+        if heads and heads % self.tensor_parallel_size:
+            raise ValueError(
+                f"tensor_parallel_size={self.tensor_parallel_size} must divide the model's {heads} attention heads"
+            )
+        if layers and self.pipeline_parallel_size > layers:
+            raise ValueError(f"pipeline_parallel_size={self.pipeline_parallel_size} exceeds the {layers} layers")
         return self
 
 
@@ -393,32 +573,74 @@ class AppConfig(StrictModel):
         return next(m for m in self.models if m.name == name)
 
 
-def validate_serve_config(path: Path) -> dict[str, AppConfig]:
-    """Validate a Serve config file: Ray's own schema, then ours for each of our apps.
+def layout_problems(config: AppConfig, nodes: list[NodeType]) -> list[str]:
+    """Why the node types ``nodes`` cannot hold a replica of each model of ``config`` (none: they can)."""
+    from deployments.quantization import resolve_isq
+    from deployments.replica import model_deployment_options
 
-    ``serve run config.yaml`` builds the app in a cluster task and keeps running when that
-    fails, so ``make serve`` calls this first to fail at once with the field's path.
+    problems = []
+    for model in config.models:
+        options = model_deployment_options(model, config.cache_dir)
+        bundles, strategy = options.get("placement_group_bundles"), options.get("placement_group_strategy")
+        placement = Placement(options["ray_actor_options"], bundles, strategy)
+        gpu_vision = isinstance(model, VisionModelConfig) and model.platform == "cuda"
+        problems += layout_problems_of(
+            model.name,
+            placement,
+            nodes,
+            same_node_gpus=model.tensor_parallel_size if gpu_vision else 0,
+            isq=resolve_isq(model.isq, "cuda") if gpu_vision and model.isq else None,
+        )
+    return problems
+
+
+def validate_serve_config(path: Path, cluster: Path | None = None) -> dict[str, AppConfig]:
+    """Validate a Serve config file: Ray's own schema, then ours for each of our apps, then, with
+    the cluster's node types (a ``ray up`` file as ``cluster``), whether they can hold every replica.
+
+    ``path`` may be a KubeRay ``RayService``: its ``serveConfigV2`` is checked against its own
+    worker groups. ``serve run config.yaml`` builds the app in a cluster task and keeps running
+    when that fails, so ``make serve`` calls this first to fail at once with the field's path.
+
+    Raises:
+        pydantic.ValidationError: a field is wrong (its path and why).
+        LayoutError: the node types cannot hold a replica (each problem and what to change).
     """
     import yaml
     from ray.serve.schema import ServeDeploySchema
 
-    schema = ServeDeploySchema.model_validate(yaml.safe_load(path.read_text()))
-    return {
+    document = yaml.safe_load(path.read_text())
+    nodes = node_types_of(cluster) if cluster is not None else None
+    if document.get("kind") == "RayService":
+        document, nodes = yaml.safe_load(document["spec"]["serveConfigV2"]), node_types_of_rayservice(document)
+    schema = ServeDeploySchema.model_validate(document)
+    apps = {
         app.name: AppConfig.model_validate(app.args)
         for app in schema.applications
         if app.import_path == "deployments.app:build_app"
     }
+    if nodes is not None:
+        problems = [problem for config in apps.values() for problem in layout_problems(config, nodes)]
+        if problems:
+            raise LayoutError("the cluster cannot hold this config:\n  " + "\n  ".join(problems))
+    return apps
 
 
 if __name__ == "__main__":
-    import sys
+    import argparse
 
     from pydantic import ValidationError
 
-    config_path = Path(sys.argv[1] if len(sys.argv) > 1 else "serve_config.yaml")
+    parser = argparse.ArgumentParser(
+        prog="python -m deployments.config",
+        description="Validate a Serve config (or a RayService) before deploying it.",
+    )
+    parser.add_argument("config", type=Path, nargs="?", default=Path("serve_config.yaml"))
+    parser.add_argument("--cluster", type=Path, help="a ray up cluster file: check the layout against its node types")
+    cli = parser.parse_args()
     try:
-        apps = validate_serve_config(config_path)
-    except ValidationError as error:
-        sys.exit(f"{config_path}: invalid config\n{error}")
+        apps = validate_serve_config(cli.config, cli.cluster)
+    except (ValidationError, LayoutError) as error:
+        sys.exit(f"{cli.config}: invalid config\n{error}")
     for app_name, app_config in apps.items():
-        print(f"{config_path}: app {app_name!r} OK ({', '.join(m.name for m in app_config.models)})")
+        print(f"{cli.config}: app {app_name!r} OK ({', '.join(m.name for m in app_config.models)})")

@@ -89,6 +89,44 @@ ISQ_METHODS: dict[str, dict[str, str]] = {
 }
 
 
+#: The lowest CUDA compute capability at which each method computes in FP8 (tensor cores of
+#: Ada/Hopper, sm89+). Below it vLLM refuses per-channel scaling and falls back to weight-only
+#: Marlin kernels for the rest (``online/fp8.py``): the memory saving without the speed.
+ISQ_MIN_COMPUTE_CAPABILITY: dict[str, tuple[int, int]] = dict.fromkeys(ISQ_METHODS["cuda"].values(), (8, 9))
+
+#: Compute capability of the GPUs by their Ray accelerator type (``ray.util.accelerators``
+#: names, the ``accelerator_type:<name>`` resource Ray gives a GPU node).
+COMPUTE_CAPABILITY: dict[str, tuple[int, int]] = {
+    "V100": (7, 0),
+    "T4": (7, 5),
+    "A10G": (8, 6),
+    "A100": (8, 0),
+    "A100-40G": (8, 0),
+    "A100-80G": (8, 0),
+    "L4": (8, 9),
+    "L40S": (8, 9),
+    "H100": (9, 0),
+    "H200": (9, 0),
+    "B200": (10, 0),
+}
+
+
+def check_isq_on_gpu(method: str, accelerator_type: str) -> None:
+    """Raise when ``accelerator_type`` GPUs cannot run the vLLM ISQ ``method`` at its speed.
+
+    Unknown accelerator names pass: the rule only refuses what it knows to be impossible.
+    """
+    capability = COMPUTE_CAPABILITY.get(accelerator_type)
+    needed = ISQ_MIN_COMPUTE_CAPABILITY.get(method)
+    if capability is not None and needed is not None and capability < needed:
+        have, need = ".".join(map(str, capability)), ".".join(map(str, needed))
+        raise ValueError(
+            f"isq {method} needs compute capability >= {need}; {accelerator_type} GPUs have {have}: "
+            "drop isq, or set ray_actor_options.accelerator_type to a GPU that has it: "
+            + ", ".join(name for name, have in COMPUTE_CAPABILITY.items() if have >= needed)
+        )
+
+
 def resolve_isq(isq: str, platform: str) -> str:
     """The vLLM online quantization method for an ISQ name on ``platform`` (``cpu``/``cuda``).
 

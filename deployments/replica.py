@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import re
 import time
 from collections.abc import AsyncIterator, Callable
@@ -42,7 +43,8 @@ def deployment_name(model_name: str) -> str:
 def model_deployment_options(model: ModelConfig, cache_dir: Path) -> dict[str, Any]:
     """Serve options of a model's deployment: its config over the model defaults.
 
-    Each engine says how many requests one replica takes at once (a batching llama.cpp replica:
+    Each engine says what one replica reserves (``placement``: a parallel vLLM replica's group of
+    workers), how many requests one replica takes at once (a batching llama.cpp replica:
     its ``parallel`` sequences and a few more) and what autoscaling should aim for per replica;
     Serve's caller-side queue, bounded by ``max_queued_requests``, holds the rest.
     """
@@ -54,6 +56,7 @@ def model_deployment_options(model: ModelConfig, cache_dir: Path) -> dict[str, A
         "ray_actor_options": {"num_cpus": 1},
     }
     options = model.deployment.serve_options(defaults, engine_env(model, cache_dir))
+    options |= engine.placement(model, options["ray_actor_options"]).serve_options()
     target = engine.target_ongoing_requests(model)
     if "autoscaling_config" in options and target is not None:
         options["autoscaling_config"] = {"target_ongoing_requests": target} | options["autoscaling_config"]
@@ -119,6 +122,19 @@ class ModelReplica:
     async def layer_types(self) -> dict[str, int]:
         """How the weights are stored or quantized on this replica (engine-specific names)."""
         return await self._engine.layer_types()
+
+    async def placement(self) -> dict[str, Any]:
+        """Where this replica runs: its placement group (a parallel model's) and the model's workers."""
+        from ray.util import get_current_placement_group
+
+        group = get_current_placement_group()
+        self._require_loaded()
+        return {
+            "pid": os.getpid(),
+            "placement_group": None if group is None else group.id.hex(),
+            "bundles": None if group is None else group.bundle_specs,
+            "workers": await self._engine.workers(),
+        }
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[Delta]:
         """The engine's stream, coalesced, under the contract of ``Engine.generate``.

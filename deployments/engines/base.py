@@ -21,6 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from deployments.config import ModelConfig
 from deployments.errors import InvalidRequest
+from deployments.placement import Placement
 
 
 class ModelStatus(enum.StrEnum):
@@ -165,6 +166,9 @@ class ModelInfo(BaseModel):
     context_length: int
     supports_vision: bool
     embeddings: bool = Field(default=False, description="Serves POST /v1/embeddings (and nothing else).")
+    layout: dict[str, Any] = Field(
+        default_factory=dict, description="Where one replica runs: its GPUs and how the model is split over them."
+    )
     status: ModelStatus
     replicas: dict[ModelStatus, int] = Field(
         default_factory=dict, description="Replicas by status, as the router merged their reports."
@@ -191,6 +195,7 @@ class ModelInfo(BaseModel):
             context_length=config.context_size,
             supports_vision=config.supports_vision,
             embeddings=config.serves_embeddings,
+            layout=config.layout,
             status=status,
             **state,
         )
@@ -219,6 +224,11 @@ class Engine(abc.ABC):
     @abc.abstractmethod
     def max_ongoing_requests(cls, config: ModelConfig) -> int:
         """Serve's bound on the requests one replica holds, unless the config sets one."""
+
+    @classmethod
+    def placement(cls, config: ModelConfig, actor_options: dict[str, Any]) -> Placement:
+        """What one replica reserves from Ray: by default its actor alone, one process."""
+        return Placement(dict(actor_options))
 
     @classmethod
     def target_ongoing_requests(cls, config: ModelConfig) -> int | None:
@@ -270,6 +280,12 @@ class Engine(abc.ABC):
 
         The replica already detects in-flight work without tokens; engines add what only they see.
         """
+
+    async def workers(self) -> list[dict[str, Any]]:
+        """The processes that run the model, with their ranks: by default the replica's own."""
+        import os
+
+        return [{"rank": 0, "pid": os.getpid()}]
 
     @abc.abstractmethod
     async def layer_types(self) -> dict[str, int]:

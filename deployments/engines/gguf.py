@@ -32,6 +32,8 @@ from deployments.tools import template_input
 
 logger = logging.getLogger("ray.serve")
 
+SPLIT_MODES = {"none": 0, "layer": 1, "row": 2}  # llama.h's enum llama_split_mode
+
 # Beyond the sequences it runs, a replica takes this many more requests: control calls (info,
 # reconfigure) reach it while it generates, and the next request is ready the moment a slot frees.
 SPARE_ONGOING_REQUESTS = 3
@@ -76,6 +78,18 @@ def _assigned_cpus() -> int:
     return max(1, int(cpus))
 
 
+def llama_model_params(llama_cpp: Any, config: GGUFModelConfig) -> Any:
+    """llama.cpp's model parameters: the layers to offload and how they split over the replica's
+    GPUs (the ones Ray made visible to it, numbered from 0)."""
+    params = llama_cpp.llama_model_default_params()
+    params.n_gpu_layers = 0x7FFFFFFF if config.gpu_layers == -1 else config.gpu_layers
+    params.split_mode = SPLIT_MODES[config.split_mode or "none"]
+    params.main_gpu = config.main_gpu
+    if config.tensor_split:  # ctypes keeps the array alive with the struct that points at it
+        params.tensor_split = (ctypes.c_float * llama_cpp.llama_max_devices())(*config.tensor_split)
+    return params
+
+
 class LlamaCppEngine(Engine):
     kind = "gguf"
     config: GGUFModelConfig
@@ -114,8 +128,7 @@ class LlamaCppEngine(Engine):
 
         llama_log.install()
         cfg = self.config
-        model_params = llama_cpp.llama_model_default_params()
-        model_params.n_gpu_layers = 0x7FFFFFFF if cfg.gpu_layers == -1 else cfg.gpu_layers
+        model_params = llama_model_params(llama_cpp, cfg)
         try:  # verbose=False would dup2 /dev/null over fds 1 and 2 (engines.llama_log says why not)
             model = LlamaModel(path_model=str(cfg.path), params=model_params, verbose=True)
         except ValueError as exc:  # llama-cpp-python's only signal for a file it cannot load
@@ -164,7 +177,7 @@ class LlamaCppEngine(Engine):
         )
         backend_sampling = cfg.backend_sampling
         if backend_sampling is None:
-            backend_sampling = cfg.gpu_layers != 0 and llama_cpp.llama_supports_gpu_offload()
+            backend_sampling = bool(cfg.gpu_layers) and llama_cpp.llama_supports_gpu_offload()
         self._scheduler = Scheduler(
             llama_cpp,
             context.ctx,

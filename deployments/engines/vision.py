@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import gc
-import json
 import logging
 import os
 import uuid
@@ -33,6 +32,7 @@ from deployments.engines.base import (
 )
 from deployments.errors import InferenceFailed, InvalidRequest, ModelLoadFailed, ModelNotLoaded
 from deployments.images import open_rgb
+from deployments.placement import ACCELERATOR_HINT, Placement, accelerator_resource, worker_group
 from deployments.quantization import resolve_isq
 from deployments.tools import template_input
 
@@ -45,13 +45,9 @@ def checkpoint_size_bytes(config: VisionModelConfig) -> int:
     return sum(f.stat().st_size for f in config.path.iterdir() if f.is_file())
 
 
-def _checkpoint_config(config: VisionModelConfig) -> dict[str, Any]:
-    return json.loads((config.path / "config.json").read_text())
-
-
 def checkpoint_quantization(config: VisionModelConfig) -> str | None:
     """The quantization a checkpoint ships with (``quantization_config.quant_method``), if any."""
-    return (_checkpoint_config(config).get("quantization_config") or {}).get("quant_method")
+    return (config.checkpoint_config().get("quantization_config") or {}).get("quant_method")
 
 
 def resolve_dtype(config: VisionModelConfig, isq: str | None) -> str:
@@ -62,7 +58,7 @@ def resolve_dtype(config: VisionModelConfig, isq: str | None) -> str:
         return config.dtype
     if isq:
         return "bfloat16"
-    checkpoint = _checkpoint_config(config)
+    checkpoint = config.checkpoint_config()
     return checkpoint.get("dtype") or checkpoint.get("torch_dtype") or "auto"
 
 
@@ -74,6 +70,20 @@ class WorkerInspection:
 
     def ping(self) -> bool:
         return True
+
+    def worker_info(self) -> dict[str, Any]:
+        """Who this worker is: its ranks, process and node."""
+        import socket
+
+        from vllm.distributed import parallel_state
+
+        return {
+            "rank": parallel_state.get_world_group().rank_in_group,
+            "tensor_rank": parallel_state.get_tp_group().rank_in_group,
+            "pipeline_rank": parallel_state.get_pp_group().rank_in_group,
+            "pid": os.getpid(),
+            "node": socket.gethostname(),
+        }
 
     def count_layer_methods(self) -> dict[str, int]:
         counts: dict[str, int] = {}
@@ -106,7 +116,9 @@ class VLLMEngine(Engine):
             "TORCHINDUCTOR_CACHE_DIR": str(cache_dir / "torchinductor"),
         }
         if config.platform == "cpu":
+            # Threads of the process that runs the model: the replica's, or each parallel worker's.
             cpus = (config.deployment.ray_actor_options or {}).get("num_cpus", 1)
+            cpus = config.worker_cpus if config.world_size > 1 else cpus
             env |= {"VLLM_CPU_OMP_THREADS_BIND": "nobind", "OMP_NUM_THREADS": str(max(1, int(cpus)))}
             # The model runs in the engine-core process (vLLM's "uni" executor). vLLM's CPU default puts
             # it in a worker process of its own, and the engine core then busy-polls shared memory for
@@ -117,6 +129,20 @@ class VLLMEngine(Engine):
     @classmethod
     def max_ongoing_requests(cls, config: VisionModelConfig) -> int:
         return DEFAULT_MAX_ONGOING_REQUESTS
+
+    @classmethod
+    def placement(cls, config: VisionModelConfig, actor_options: dict[str, Any]) -> Placement:
+        """A parallel replica reserves a bundle per worker: a GPU each (Ray's executor starts the
+        workers in the group), or on CPU their CPUs (workers are the replica's own processes)."""
+        if config.world_size == 1:
+            return super().placement(config, actor_options)
+        worker = {"CPU": config.worker_cpus}
+        if config.platform == "cuda":
+            worker["GPU"] = 1.0
+            if accelerator := actor_options.get("accelerator_type"):
+                worker[accelerator_resource(accelerator)] = ACCELERATOR_HINT
+        assert config.placement_strategy is not None  # the config's default for a parallel replica
+        return worker_group(actor_options, config.world_size, worker, config.placement_strategy)
 
     @classmethod
     def describe(cls, config: VisionModelConfig) -> ModelFacts:
@@ -145,7 +171,13 @@ class VLLMEngine(Engine):
             "limit_mm_per_prompt": {"image": cfg.max_images},
             "seed": 0,
             "worker_extension_cls": f"{WorkerInspection.__module__}.{WorkerInspection.__qualname__}",
+            "tensor_parallel_size": cfg.tensor_parallel_size,
+            "pipeline_parallel_size": cfg.pipeline_parallel_size,
         }
+        if cfg.world_size > 1:  # CPU has no Ray executor (CpuPlatform.ray_device_key is empty)
+            args["distributed_executor_backend"] = "ray" if cfg.platform == "cuda" else "mp"
+        if cfg.platform == "cuda":
+            args["gpu_memory_utilization"] = cfg.gpu_memory_utilization
         if cfg.platform == "cpu":
             # CPU: no CUDA graphs, and an explicit KV-cache size (vLLM otherwise sizes it from
             # the NUMA node's free memory and refuses to start on small nodes).
@@ -155,14 +187,36 @@ class VLLMEngine(Engine):
     # -- lifecycle ---------------------------------------------------------------------
 
     async def load(self) -> None:
-        from vllm import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
 
         try:
-            self._engine = AsyncLLM.from_engine_args(AsyncEngineArgs(**self.engine_kwargs()))
+            self._engine = AsyncLLM.from_vllm_config(await self._vllm_config())
             self._tokenizer = self._engine.get_tokenizer()
         except Exception as exc:
             raise ModelLoadFailed(f"failed to load {self.config.path.name}: {type(exc).__name__}: {exc}") from exc
+
+    async def _vllm_config(self) -> Any:
+        """vLLM's config of this model. Workers on GPUs go into the replica's placement group
+        (Ray's executor); the config is made where a GPU is visible, in a task in that group, as
+        Ray Serve LLM does: the replica actor itself holds no GPU (``placement.worker_group``)."""
+        from vllm import AsyncEngineArgs
+
+        args = AsyncEngineArgs(**self.engine_kwargs())
+        if not (self.config.platform == "cuda" and self.config.world_size > 1):
+            return args.create_engine_config()
+        import ray
+        from ray.util import get_current_placement_group
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        group = get_current_placement_group()
+        task = ray.remote(_create_engine_config).options(
+            num_cpus=0,
+            num_gpus=ACCELERATOR_HINT,
+            scheduling_strategy=PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=0),
+        )
+        config = await task.remote(args)
+        config.parallel_config.placement_group = group
+        return config
 
     async def unload(self) -> None:
         engine, self._engine, self._tokenizer = self._engine, None, None
@@ -189,6 +243,11 @@ class VLLMEngine(Engine):
             raise RuntimeError(
                 f"vLLM engine of model {self.config.name} did not answer within {timeout_s:g}s"
             ) from None
+
+    async def workers(self) -> list[dict[str, Any]]:
+        if self._engine is None:
+            raise ModelNotLoaded(f"model {self.config.name} is not loaded")
+        return await self._engine.collective_rpc("worker_info")
 
     async def layer_types(self) -> dict[str, int]:
         """vLLM's layer methods in the loaded model (``Fp8...LinearMethod`` when ISQ applied)."""
@@ -307,6 +366,10 @@ class VLLMEngine(Engine):
         finally:
             self._requests.discard(request_id)
             self._generation_ended()
+
+
+def _create_engine_config(args: Any) -> Any:
+    return args.create_engine_config()
 
 
 def _token_logprobs(completion: Any, top: int | None) -> tuple[TokenLogprob, ...]:
