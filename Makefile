@@ -7,11 +7,23 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 CACHE_DIR ?= $(HOME)/.cache/nika-serve
 
+# vLLM: the CUDA build where a GPU is present, else the CPU build. PyPI's torchvision,
+# torchaudio and torchcodec wheels (vLLM dependencies) are CUDA builds whose native
+# libraries fail to load beside CPU torch, and a torchvision that fails to import breaks
+# even `from transformers import LlamaConfig`. Nothing on our CPU path needs them (the demo
+# VLM is Idefics3, whose transformers and vLLM code never imports torchvision), so CPU
+# installs remove them.
+GPU := $(shell nvidia-smi -L >/dev/null 2>&1 && echo yes)
+VISION_EXTRA := $(if $(GPU),vision-gpu,vision-cpu)
+CUDA_ONLY_WHEELS := torchvision torchaudio torchcodec
+
 # llama.cpp CPU build: a portable x86-64 baseline (AVX2/FMA/F16C), never -march=native.
 # A native build here enables AVX512/AMX and segfaults in decode on every quantized model;
 # and a wheel built natively on one node can crash on another node of a cluster.
 LLAMA_VERSION := 0.3.36
-LLAMA_CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_AVX512=OFF -DLLAVA_BUILD=OFF
+# Where a GPU is present (a GPU node of a cluster), the same baseline plus CUDA: GGUF replicas there
+# offload every layer (cluster/serve_config.gpu.yaml).
+LLAMA_CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_AVX512=OFF -DLLAVA_BUILD=OFF$(if $(GPU), -DGGML_CUDA=ON)
 LLAMA_BUILD_ID := $(LLAMA_VERSION)-$(shell echo '$(LLAMA_CMAKE_ARGS)' | sha1sum | cut -c1-10)
 LLAMA_WHEEL_DIR := $(CACHE_DIR)/wheels/llama-cpp-python-$(LLAMA_BUILD_ID)
 LLAMA_WHEEL := $(LLAMA_WHEEL_DIR)/.built
@@ -22,16 +34,6 @@ LLAMA_SERVER := $(CACHE_DIR)/llama-server-$(LLAMA_BUILD_ID)/bin/llama-server
 INSTALLED := $(VENV)/.installed
 DEMO_MODELS := models/tiny-llama-Q4_K_M.gguf models/medium-llama-Q4_K_M.gguf models/tiny-embed-Q8_0.gguf \
 	models/tiny-idefics3/config.json
-
-# vLLM: the CUDA build where a GPU is present, else the CPU build. PyPI's torchvision,
-# torchaudio and torchcodec wheels (vLLM dependencies) are CUDA builds whose native
-# libraries fail to load beside CPU torch, and a torchvision that fails to import breaks
-# even `from transformers import LlamaConfig`. Nothing on our CPU path needs them (the demo
-# VLM is Idefics3, whose transformers and vLLM code never imports torchvision), so CPU
-# installs remove them.
-GPU := $(shell nvidia-smi -L >/dev/null 2>&1 && echo yes)
-VISION_EXTRA := $(if $(GPU),vision-gpu,vision-cpu)
-CUDA_ONLY_WHEELS := torchvision torchaudio torchcodec
 
 # Environment of the Ray that `serve run`, the tests and the benchmarks start on this machine:
 # deployments/constants.py LOCAL_ENV says why (tests/unit/test_cluster_files.py keeps this copy equal to it).

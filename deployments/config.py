@@ -486,7 +486,8 @@ class VisionModelConfig(ModelConfigBase):
                 )
             return self
         if self.placement_strategy is None:
-            strategy = "STRICT_PACK" if self.pipeline_parallel_size == 1 else "PACK"
+            spread = self.platform == "cuda" and self.pipeline_parallel_size > 1
+            strategy = "PACK" if spread else "STRICT_PACK"
             object.__setattr__(self, "placement_strategy", strategy)
         if self.platform == "cpu" and self.placement_strategy != "STRICT_PACK":
             raise ValueError(

@@ -29,10 +29,13 @@ def test_the_ray_up_file_validates_against_rays_cluster_schema() -> None:
     config = load(CLUSTER / "ray-cluster.yaml")
     validate_config(prepare_config(config))  # what `ray up` does: provider defaults, then the schema
     types = config["available_node_types"]
-    assert types["cpu_worker"]["resources"] == {"cpu_node": 1}
-    assert "GPU" not in types["cpu_worker"]["resources"] and types["gpu_worker"]["max_workers"] > 0
-    assert types["gpu_worker"]["min_workers"] == 0  # GPUs only while vision replicas need them
-    assert any("serve deploy cluster/serve_config.gpu.yaml" in c for c in config["head_start_ray_commands"])
+    assert types["cpu_worker"]["resources"] == {"CPU": 16, "cpu_node": 1}
+    assert types["gpu_worker"]["resources"]["GPU"] == 1 and types["gpu_x4_worker"]["resources"]["GPU"] == 4
+    assert all(types[t]["min_workers"] == 0 < types[t]["max_workers"] for t in ("gpu_worker", "gpu_x4_worker"))
+    assert config["max_workers"] == sum(t["max_workers"] for t in types.values())
+    check, deploy = config["head_start_ray_commands"][-2:]  # the layout is checked against these node types first
+    assert check.endswith("deployments.config cluster/serve_config.gpu.yaml --cluster cluster/ray-cluster.yaml")
+    assert deploy.endswith("serve deploy cluster/serve_config.gpu.yaml")
     assert any("make install models" in c for c in config["setup_commands"])
 
 
@@ -42,16 +45,66 @@ def test_the_rayservice_embeds_the_cluster_serve_config_verbatim() -> None:
     cluster = manifest["spec"]["rayClusterConfig"]
     assert cluster["enableInTreeAutoscaling"] is True
     groups = {g["groupName"]: g for g in cluster["workerGroupSpecs"]}
-    gpu_limits = groups["gpu-workers"]["template"]["spec"]["containers"][0]["resources"]["limits"]
-    assert gpu_limits["nvidia.com/gpu"] == "1"
-    assert groups["gpu-workers"]["minReplicas"] < groups["gpu-workers"]["maxReplicas"]
+    for group, gpus in (("gpu-workers", "1"), ("gpu-x4-workers", "4")):
+        assert groups[group]["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == gpus
+        assert groups[group]["minReplicas"] < groups[group]["maxReplicas"]
     assert yaml.safe_load(manifest["spec"]["serveConfigV2"]) == load(CLUSTER / "serve_config.gpu.yaml")
+
+
+def _strict(schema: Any) -> Any:
+    """A CRD schema as `kubectl apply --validate=strict` reads it: unknown fields are errors."""
+    if isinstance(schema, dict):
+        if "properties" in schema and not schema.get("x-kubernetes-preserve-unknown-fields"):
+            schema.setdefault("additionalProperties", False)
+        for value in schema.values():
+            _strict(value)
+    elif isinstance(schema, list):
+        for value in schema:
+            _strict(value)
+    return schema
+
+
+def test_the_rayservice_validates_against_kuberays_crd() -> None:
+    """``data/kuberay-rayservice-v1.schema.json.gz``: the ``v1`` openAPIV3Schema of KubeRay's
+    ``ray.io_rayservices.yaml`` (ray-project/kuberay feeaf72, v1.7.0-rc.0+5)."""
+    import gzip
+    import json
+
+    import jsonschema
+
+    schema = _strict(
+        json.loads(gzip.decompress((ROOT / "tests/unit/data/kuberay-rayservice-v1.schema.json.gz").read_bytes()))
+    )
+    manifest = load(CLUSTER / "rayservice.yaml")
+    jsonschema.Draft7Validator(schema).validate(manifest)
+    manifest["spec"]["rayClusterConfig"]["workerGroupSpecs"][0]["minReplica"] = 1  # a typo fails
+    with pytest.raises(jsonschema.ValidationError, match="'minReplica' was unexpected"):
+        jsonschema.Draft7Validator(schema).validate(manifest)
 
 
 @pytest.mark.parametrize("path", ["serve_config.yaml", "cluster/serve_config.gpu.yaml"])
 def test_every_serve_config_passes_rays_schema_and_ours(path: str) -> None:
     apps = validate_serve_config(ROOT / path)  # ServeDeploySchema, then AppConfig
     assert list(apps) == ["nika"]
+
+
+@pytest.mark.parametrize("cluster", ["ray-cluster.yaml", "rayservice.yaml"])
+def test_the_cluster_node_types_hold_a_replica_of_every_model(cluster: str) -> None:
+    if cluster == "rayservice.yaml":  # the manifest carries its own serve config
+        apps = validate_serve_config(CLUSTER / cluster)
+    else:
+        apps = validate_serve_config(CLUSTER / "serve_config.gpu.yaml", cluster=CLUSTER / cluster)
+    assert "tiny-vision-tp2" in [m.name for m in apps["nika"].models]
+
+
+def test_a_layout_the_cluster_cannot_hold_fails_the_check(tmp_path: Path) -> None:
+    from deployments.placement import LayoutError
+
+    ray_up = load(CLUSTER / "ray-cluster.yaml")
+    del ray_up["available_node_types"]["gpu_x4_worker"]
+    (tmp_path / "cluster.yaml").write_text(yaml.safe_dump(ray_up))
+    with pytest.raises(LayoutError, match="model tiny-vision-tp2: needs 2 GPUs on one node"):
+        validate_serve_config(CLUSTER / "serve_config.gpu.yaml", cluster=tmp_path / "cluster.yaml")
 
 
 def _must_match(config: dict[str, Any]) -> dict[str, Any]:
@@ -73,7 +126,10 @@ def _must_match(config: dict[str, Any]) -> dict[str, Any]:
 
 
 def test_the_cluster_config_does_not_drift_from_serve_config_yaml() -> None:
-    assert _must_match(load(CLUSTER / "serve_config.gpu.yaml")) == _must_match(load(ROOT / "serve_config.yaml"))
+    """The cluster serves every local model the same way; it may add models (one split over GPUs)."""
+    local, cluster = _must_match(load(ROOT / "serve_config.yaml")), _must_match(load(CLUSTER / "serve_config.gpu.yaml"))
+    assert cluster["models"][: len(local["models"])] == local["models"]
+    assert cluster | {"models": local["models"]} == local
 
 
 def test_local_by_default_and_a_key_wherever_the_network_can_reach() -> None:
@@ -100,7 +156,7 @@ def test_every_place_that_starts_ray_sets_its_env() -> None:
     spec = load(CLUSTER / "rayservice.yaml")["spec"]["rayClusterConfig"]
     pods = [spec["headGroupSpec"], *spec["workerGroupSpecs"]]
     containers = [c for pod in pods for c in pod["template"]["spec"]["containers"]]
-    assert len(starts) == 2 and len(containers) == 3
+    assert len(starts) == 2 and len(containers) == 4
     for name, value in LOCAL_ENV.items():
         assert f"export {name} := {value}" in makefile
     for name, value in CLUSTER_ENV.items():
@@ -115,16 +171,20 @@ def test_resources_place_replicas_on_the_intended_nodes() -> None:
     config = AppConfig.model_validate(app["args"])
     router = build_app(config)._bound_deployment
     assert router.ray_actor_options["resources"] == {"cpu_node": 0.01}
-    models = router.init_args[1]
-    gguf = models["tiny-llama"]._bound_deployment
-    vision = models["tiny-vision"]._bound_deployment
-    assert gguf.ray_actor_options["resources"] == {"cpu_node": 0.01} and "num_gpus" not in gguf.ray_actor_options
-    assert gguf._replica_config.max_replicas_per_node == 4
-    assert vision.ray_actor_options["num_gpus"] == 1
-    assert config.model("tiny-vision").platform == "cuda"
-    # GPU rules apply to the GPU deployment: block size 16 and isq FP8 -> vLLM's fp8.
-    env = vision.ray_actor_options["runtime_env"]["env_vars"]
-    assert "VLLM_CPU_OMP_THREADS_BIND" not in env
+    models = {name: app._bound_deployment for name, app in router.init_args[1].items()}
+    assert models["tiny-embed"].ray_actor_options["resources"] == {"cpu_node": 0.01}
+    # GGUF: a replica per GPU, every layer offloaded.
+    assert models["tiny-llama"].ray_actor_options["num_gpus"] == 1 and config.model("tiny-llama").gpu_layers == -1
+    # Vision: two replicas to a GPU, each vLLM taking its share of the memory; GPU rules apply.
+    vision = config.model("tiny-vision")
+    assert models["tiny-vision"].ray_actor_options["num_gpus"] == 0.5
+    assert (vision.platform, vision.gpu_memory_utilization) == ("cuda", 0.45)
+    assert "VLLM_CPU_OMP_THREADS_BIND" not in models["tiny-vision"].ray_actor_options["runtime_env"]["env_vars"]
+    # Tensor parallelism 2: the replica and its two GPU workers in one group on one node.
+    tp2 = models["tiny-vision-tp2"]
+    assert tp2.ray_actor_options["num_gpus"] == 0
+    assert tp2._replica_config.placement_group_bundles == [{"CPU": 3.0, "GPU": 1.0}, {"CPU": 1.0, "GPU": 1.0}]
+    assert tp2._replica_config.placement_group_strategy == "STRICT_PACK"
 
 
 def test_the_cluster_schema_check_catches_a_typo() -> None:
