@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks import (
+    batch_serving,
     batched_serving,
     cancellation,
     deadline_accuracy,
@@ -33,6 +34,7 @@ COMPARISONS = {
         batched_serving,
         structured_output,
         vision_serving,
+        batch_serving,
         deadline_accuracy,
         cancellation,
     )

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import tempfile
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -60,9 +62,18 @@ class BenchContext:
         return AppConfig.model_validate(
             {
                 "router": {"deployment": {"num_replicas": 1, "ray_actor_options": {"num_cpus": 0.5}}},
+                "batch": {
+                    "database": str(self._batch_dir / "batches.sqlite3"),
+                    "files_uri": str(self._batch_dir / "files"),
+                },
                 "models": [m.model_dump(mode="json") for m in models],
             }
         )
+
+    @cached_property
+    def _batch_dir(self) -> Path:
+        """This run's Batch API store: no earlier run's unfinished batch resumes in it."""
+        return Path(tempfile.mkdtemp(prefix="nika-bench-batches-"))
 
     def save(self, name: str, result: dict[str, Any]) -> Path:
         path = self.results_dir / f"{name}.json"

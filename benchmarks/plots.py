@@ -125,6 +125,18 @@ def batched_serving(result: dict[str, Any], ax: list[Any]) -> None:
     ax[3].set_xlabel("MiB")
 
 
+def batch_serving(result: dict[str, Any], ax: list[Any]) -> None:
+    """Images/s of the two batch runners, and interactive TTFT on the idle server and beside a batch."""
+    systems = result["systems"]
+    names = list(systems)
+    _bars(ax[0], names, [systems[n]["images_s"] for n in names], f"{result['requests']} one-image requests", "images/s")
+    ax[0].set_xlabel(f"ours / peer {result['ratios']['images_s']} (target >= 0.9)")
+    ours = next(iter(systems.values()))
+    phases = {"idle server": ours["ttft_idle_ms"], "during the batch": ours["ttft_during_batch_ms"]}
+    _bars(ax[1], list(phases), [(p or {}).get("p50", 0) for p in phases.values()], "interactive TTFT, p50", "ms")
+    ax[1].set_xlabel(f"during / idle {result['ratios']['interactive_ttft_p50_busy_over_idle']} (target <= 1.2)")
+
+
 def structured_output(result: dict[str, Any], ax: list[Any]) -> None:
     """The JSON/free-text throughput ratio per engine and concurrency: each round, and the median."""
     keys = list(result["rounds"])
@@ -186,6 +198,7 @@ PLOTS = {
     "batched_serving": (batched_serving, 4),
     "structured_output": (structured_output, 1),
     "vision_serving": (_sweep, 3),
+    "batch_serving": (batch_serving, 2),
     "deadline_accuracy": (deadline_accuracy, 1),
     "cancellation": (cancellation, 1),
     "gpu_engine": (gpu_engine, 3),

@@ -134,18 +134,25 @@ def process_tree_rss_mib(pids: list[int]) -> float:
     return round(total / 2**20, 1)
 
 
-def vllm_server(model: VisionModelConfig, port: int, cache_dir: Path) -> Any:
-    """vLLM's own OpenAI server with the engine arguments and environment of our vLLM replica."""
+def vllm_flags(model: VisionModelConfig) -> list[str]:
+    """vLLM's command-line flags for the engine arguments of our vLLM replica."""
     kwargs = VLLMEngine(model).engine_kwargs()
     kwargs.pop("worker_extension_cls")  # our replica's health/inspection hooks
-    command = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--host", "127.0.0.1", "--port", str(port)]
-    command += ["--served-model-name", model.name]
+    flags = ["--served-model-name", model.name]
     for key, value in kwargs.items():
         flag = "--" + key.replace("_", "-")
         if value is None or value is False:
             continue
-        command += [flag] if value is True else [flag, json.dumps(value) if isinstance(value, dict) else str(value)]
-    return server_process("vllm_server", command, port, env=VLLMEngine.replica_env(model, cache_dir))
+        flags += [flag] if value is True else [flag, json.dumps(value) if isinstance(value, dict) else str(value)]
+    return flags
+
+
+def vllm_server(model: VisionModelConfig, port: int, cache_dir: Path) -> Any:
+    """vLLM's own OpenAI server with the engine arguments and environment of our vLLM replica."""
+    command = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--host", "127.0.0.1", "--port", str(port)]
+    return server_process(
+        "vllm_server", command + vllm_flags(model), port, env=VLLMEngine.replica_env(model, cache_dir)
+    )
 
 
 class OurStack:

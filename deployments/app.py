@@ -1,7 +1,8 @@
 """The application builder: ``serve_config.yaml``'s ``import_path`` is ``deployments.app:build_app``.
 
 It validates the whole config first (a bad file, key or value fails ``serve run`` before
-anything is deployed), then binds one model deployment per configured model and the router.
+anything is deployed), then binds one model deployment per configured model, the batch runner
+and the router.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from typing import Any
 from ray import serve
 from ray.serve import Application
 
+from deployments.batch.runner import BatchRunner, runner_deployment_options
 from deployments.config import AppConfig, ModelConfig
 from deployments.engines import engine_for
 from deployments.engines.base import Engine
@@ -41,5 +43,7 @@ def build_app(args: dict[str, Any] | AppConfig) -> Application:
 def bind_app(config: AppConfig, make_engine: EngineFactory = engine_for) -> Application:
     """The application of a validated config; ``make_engine`` replaces the real engines (tests inject a fake)."""
     models = {model.name: build_model(model, config.cache_dir, make_engine) for model in config.models}
+    args = config.model_dump(mode="json")
+    batches = serve.deployment(BatchRunner).options(**runner_deployment_options(config)).bind(args, models)
     router = Router.options(**router_deployment_options(config.router))
-    return router.bind(config.model_dump(mode="json"), models)
+    return router.bind(args, models, batches)

@@ -545,11 +545,58 @@ class RouterConfig(StrictModel):
     deployment: DeploymentOptions = DeploymentOptions()
 
 
+class BatchConfig(StrictModel):
+    """The Batch API: where files and batches live, and how much of each model batches may use.
+
+    State (files' and batches' records, each line's result) is one SQLite database; file contents
+    live under ``files_uri``, a directory or any URI ``pyarrow.fs`` opens (``s3://bucket/prefix``,
+    ``gs://...``), the filesystem layer Ray's own storage uses. On a cluster the database must
+    be on a volume that outlives the runner's node (README: Batch jobs).
+    """
+
+    database: Path = Field(
+        default=Path(C.DEFAULT_BATCH_DIR) / "batches.sqlite3",
+        validate_default=True,
+        description="SQLite file of the Batch API's state; relative to the working dir.",
+    )
+    files_uri: str = Field(
+        default=C.DEFAULT_BATCH_DIR + "/files",
+        validate_default=True,
+        description="Where file contents live: a directory (relative to the working dir) or a pyarrow.fs URI.",
+    )
+    max_file_bytes: PositiveInt = Field(default=C.MAX_BATCH_FILE_BYTES, description="Size limit of an uploaded file.")
+    max_requests: PositiveInt = Field(default=C.MAX_BATCH_REQUESTS, description="Lines per batch input file.")
+    concurrency: PositiveInt | None = Field(
+        default=None,
+        description="Lines of all batches in flight per model; default: half of what the model's replicas "
+        "take at once, so interactive requests always find room.",
+    )
+    deployment: DeploymentOptions = DeploymentOptions()
+
+    @field_validator("database")
+    @classmethod
+    def _absolute_database(cls, value: Path) -> Path:
+        return value.expanduser().resolve()
+
+    @field_validator("files_uri")
+    @classmethod
+    def _absolute_files_uri(cls, value: str) -> str:
+        return value if "://" in value else str(Path(value).expanduser().resolve())
+
+    @field_validator("deployment")
+    @classmethod
+    def _one_runner(cls, value: DeploymentOptions) -> DeploymentOptions:
+        if (value.num_replicas or 1) != 1 or value.autoscaling_config is not None:
+            raise ValueError("the batch runner owns the batches' state: exactly one replica (num_replicas: 1)")
+        return value
+
+
 class AppConfig(StrictModel):
     """The ``args`` of the Serve application."""
 
     models: list[ModelConfig] = Field(min_length=1)
     router: RouterConfig = RouterConfig()
+    batch: BatchConfig = BatchConfig()
     cache_dir: Path = Field(
         default=Path(".cache"),
         validate_default=True,
@@ -606,6 +653,7 @@ def validate_serve_config(path: Path, cluster: Path | None = None) -> dict[str, 
     Raises:
         pydantic.ValidationError: a field is wrong (its path and why).
         LayoutError: the node types cannot hold a replica (each problem and what to change).
+        ValueError: two applications share a batch store.
     """
     import yaml
     from ray.serve.schema import ServeDeploySchema
@@ -620,6 +668,9 @@ def validate_serve_config(path: Path, cluster: Path | None = None) -> dict[str, 
         for app in schema.applications
         if app.import_path == "deployments.app:build_app"
     }
+    stores = [str(config.batch.database) for config in apps.values()]
+    if len(set(stores)) < len(stores):
+        raise ValueError("two applications share batch.database: each app's batch runner needs a store of its own")
     if nodes is not None:
         problems = [problem for config in apps.values() for problem in layout_problems(config, nodes)]
         if problems:
@@ -630,8 +681,6 @@ def validate_serve_config(path: Path, cluster: Path | None = None) -> dict[str, 
 if __name__ == "__main__":
     import argparse
 
-    from pydantic import ValidationError
-
     parser = argparse.ArgumentParser(
         prog="python -m deployments.config",
         description="Validate a Serve config (or a RayService) before deploying it.",
@@ -641,7 +690,7 @@ if __name__ == "__main__":
     cli = parser.parse_args()
     try:
         apps = validate_serve_config(cli.config, cli.cluster)
-    except (ValidationError, LayoutError) as error:
+    except ValueError as error:  # pydantic's ValidationError, LayoutError, a shared batch store
         sys.exit(f"{cli.config}: invalid config\n{error}")
     for app_name, app_config in apps.items():
         print(f"{cli.config}: app {app_name!r} OK ({', '.join(m.name for m in app_config.models)})")

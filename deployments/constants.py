@@ -92,3 +92,11 @@ DEFAULT_IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP")
 DEFAULT_IMAGE_FETCH_TIMEOUT_S = 5.0
 # PagedAttention block sizes: vLLM's CPU attention needs multiples of 32 (16 fails).
 BLOCK_SIZE_MULTIPLE = {"cpu": 32, "cuda": 16}
+
+# The Batch API (deployments/batch): OpenAI's limits per input file, and the runner's pace.
+DEFAULT_BATCH_DIR = ".batches"  # SQLite state and file contents, relative to the working dir
+MAX_BATCH_FILE_BYTES = 200 * 2**20  # OpenAI's limit for a batch input file
+MAX_BATCH_REQUESTS = 50_000  # OpenAI's limit of requests per batch
+BATCH_COMPLETION_WINDOW_S = 24 * 3600  # "24h", the only window OpenAI offers
+BATCH_LINE_ATTEMPTS = 4  # a line failing with a retryable error (overloaded, replica died) runs again
+BATCH_RETRY_BACKOFF_S = 1.0  # doubled per attempt

@@ -74,10 +74,24 @@ class UnsupportedMediaType(ServeError):
     default_code = "unsupported_media_type"
 
 
-class ModelNotFound(ServeError):
+class NotFound(ServeError):
+    """No such model, file or batch."""
+
     status_code = 404
     error_type = "invalid_request_error"
+    default_code = "not_found"
+
+
+class ModelNotFound(NotFound):
     default_code = "model_not_found"
+
+
+class Conflict(ServeError):
+    """The object is in a state that refuses the call (a finished batch cancelled, a running batch's input deleted)."""
+
+    status_code = 409
+    error_type = "invalid_request_error"
+    default_code = "conflict"
 
 
 class ModelNotLoaded(ServeError):

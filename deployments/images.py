@@ -8,6 +8,7 @@ server that fetches any URL a client names can be pointed at internal services.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import io
@@ -19,6 +20,9 @@ from PIL import Image, UnidentifiedImageError
 
 from deployments.config import ImageLimits
 from deployments.errors import InvalidRequest
+
+# Images smaller than this (their data URL) are checked on the event loop: a thread hop costs more.
+OFF_LOOP_IMAGE_BYTES = 64 * 2**10
 
 
 class ImageError(InvalidRequest):
@@ -86,16 +90,27 @@ def verify(data: bytes, index: int, limits: ImageLimits) -> bytes:
     return data
 
 
+def _verify_data_url(url: str, index: int, limits: ImageLimits) -> bytes:
+    return verify(_decode_data_url(url, index), index, limits)
+
+
 async def load_image(url: str, index: int, limits: ImageLimits) -> bytes:
-    """The verified bytes of the image an ``image_url`` names (1-based ``index`` for messages)."""
+    """The verified bytes of the image an ``image_url`` names (1-based ``index`` for messages).
+
+    Decoding an image takes CPU time in proportion to its size (a 1 MB JPEG: ~18 ms of one core
+    here, benchmarks/results/image_decode.json), so an image above ``OFF_LOOP_IMAGE_BYTES`` is
+    decoded on a thread (Pillow releases the GIL while it decodes): the event loop keeps serving
+    every other request meanwhile.
+    """
     scheme = url.split(":", 1)[0].lower()
     if scheme == "data":
-        data = _decode_data_url(url, index)
-    elif scheme in ("http", "https"):
+        if len(url) <= OFF_LOOP_IMAGE_BYTES:
+            return _verify_data_url(url, index, limits)
+        return await asyncio.to_thread(_verify_data_url, url, index, limits)
+    if scheme in ("http", "https"):
         data = await _fetch(url, index, limits)
-    else:
-        raise ImageError(f"image {index}: unsupported URL scheme {scheme!r}; use a data: URL")
-    return verify(data, index, limits)
+        return await asyncio.to_thread(verify, data, index, limits)
+    raise ImageError(f"image {index}: unsupported URL scheme {scheme!r}; use a data: URL")
 
 
 def open_rgb(data: bytes) -> Image.Image:

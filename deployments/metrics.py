@@ -28,6 +28,7 @@ class RouterMetrics:
     cancellations: Counter
     rejected_requests: Counter
     image_decode_failures: Counter
+    batch_lines: Counter
 
 
 @dataclass(frozen=True)
@@ -68,7 +69,9 @@ ENGINE_COUNTERS: dict[str, tuple[str, dict[str, str]]] = {
 
 @functools.cache
 def router_metrics() -> RouterMetrics:
-    model = ("model",)
+    """Per model and priority: ``interactive`` requests, ``background`` batch lines (the batch
+    runner serves those through the same core, so its process publishes them)."""
+    model = ("model", "priority")
     return RouterMetrics(
         time_to_first_token=Histogram(
             "nika_time_to_first_token_seconds", "Time to the first token, queueing included.", _LATENCY_S, model
@@ -82,13 +85,16 @@ def router_metrics() -> RouterMetrics:
         prompt_tokens=Counter("nika_prompt_tokens_total", "Prompt tokens processed.", model),
         generation_tokens=Counter("nika_generation_tokens_total", "Tokens generated.", model),
         deadline_expirations=Counter(
-            "nika_deadline_expirations_total", "Requests ended by a deadline, by which one.", ("model", "reason")
+            "nika_deadline_expirations_total", "Requests ended by a deadline, by which one.", (*model, "reason")
         ),
         cancellations=Counter("nika_cancellations_total", "Requests cancelled or abandoned by the client.", model),
         rejected_requests=Counter(
             "nika_rejected_requests_total", "HTTP requests refused (4xx, 503), by error code.", ("cause",)
         ),
         image_decode_failures=Counter("nika_image_decode_failures_total", "Images refused by the router."),
+        batch_lines=Counter(
+            "nika_batch_lines_total", "Batch lines answered, by outcome (ok, failed).", ("model", "outcome")
+        ),
     )
 
 

@@ -25,7 +25,16 @@ from pydantic import TypeAdapter
 from deployments import constants as C
 from deployments.config import ModelConfig
 from deployments.engines import engine_class, engine_env, engine_for
-from deployments.engines.base import Delta, Embeddings, Engine, GenerationRequest, ModelInfo, ModelStatus, Prompt
+from deployments.engines.base import (
+    Delta,
+    Embeddings,
+    Engine,
+    GenerationRequest,
+    ModelInfo,
+    ModelStatus,
+    Priority,
+    Prompt,
+)
 from deployments.errors import InferenceFailed, ModelLoadFailed, ModelNotLoaded, ServeError
 from deployments.metrics import ENGINE_COUNTERS, replica_metrics
 from deployments.streaming import coalesce
@@ -73,6 +82,11 @@ class ModelReplica:
         self._error: str | None = None
         self._lifecycle = asyncio.Lock()
         self._in_flight = 0
+        # Background work (batch lines) enters the engine only while no interactive request is in flight.
+        self._interactive = 0
+        self._no_interactive = asyncio.Event()
+        self._no_interactive.set()
+        self._background_waits = 0
         self._last_progress = time.monotonic()
         self._metrics, self._tags = replica_metrics(), {"model": self._config.name}
         self._counted = dict.fromkeys(ENGINE_COUNTERS, 0.0)  # counter values published so far
@@ -144,6 +158,13 @@ class ModelReplica:
         no client ever reads a silently truncated answer as a complete one.
         """
         self._require_loaded()
+        if request.priority is Priority.INTERACTIVE:
+            self._interactive += 1
+            self._no_interactive.clear()
+        elif not self._no_interactive.is_set():
+            self._background_waits += 1
+            await self._no_interactive.wait()
+            self._require_loaded()
         self._in_flight += 1
         if self._in_flight == 1:  # the silence clock runs only while there is work
             self._last_progress = time.monotonic()
@@ -164,7 +185,15 @@ class ModelReplica:
                 raise self._interrupted()
         finally:
             self._in_flight -= 1
+            if request.priority is Priority.INTERACTIVE:
+                self._interactive -= 1
+                if not self._interactive:
+                    self._no_interactive.set()
             self._report_load()
+
+    async def priorities(self) -> dict[str, int]:
+        """Interactive requests in flight, and how often background work waited for them to leave."""
+        return {"interactive": self._interactive, "background_waits": self._background_waits}
 
     async def embed(self, inputs: list[str | list[int]]) -> Embeddings:
         """One vector per input (models configured for embeddings)."""

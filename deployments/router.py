@@ -21,6 +21,7 @@ from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from ray import serve
 from ray.serve.handle import DeploymentHandle
+from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
 
 from deployments import constants as C
@@ -35,6 +36,7 @@ from deployments.errors import (
     classified_exceptions,
 )
 from deployments.metrics import router_metrics
+from deployments.protocol.batches import BatchCreateRequest, BatchListQuery, FileListQuery
 from deployments.protocol.chat import ChatCompletionRequest
 from deployments.protocol.common import OPENAI_EVENTS, EventStream
 from deployments.protocol.completions import CompletionRequest
@@ -55,6 +57,8 @@ from deployments.serving.responses import ResponsesServing
 from deployments.serving.tokenize import TokenizeServing
 
 logger = logging.getLogger("ray.serve")
+
+_FORM_OVERHEAD_BYTES = 64 * 2**10  # multipart headers and boundaries around an upload's contents
 
 api = FastAPI(title="nika-serve", description="OpenAI-compatible chat for local GGUF and vision models")
 
@@ -129,6 +133,28 @@ async def _read_json_body(request: Request, limit: int) -> bytes:
     return bytes(body)
 
 
+async def _read_upload(request: Request, limit: int) -> tuple[str, str, bytes]:
+    """(filename, purpose, contents) of a ``multipart/form-data`` upload (OpenAI's ``files.create``)."""
+    media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if media_type != "multipart/form-data":
+        raise UnsupportedMediaType(
+            f"Content-Type must be multipart/form-data (fields file and purpose), not {media_type}"
+        )
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit + _FORM_OVERHEAD_BYTES:
+        raise PayloadTooLarge(f"upload of {declared} bytes exceeds the limit of {limit} bytes (batch.max_file_bytes)")
+    async with request.form(max_files=1, max_fields=4) as form:
+        upload, purpose = form.get("file"), form.get("purpose")
+        if not isinstance(upload, UploadFile):
+            raise InvalidRequest("file: required, the file's contents as a multipart file field")
+        if not isinstance(purpose, str) or not purpose:
+            raise InvalidRequest("purpose: required (batch)")
+        data = await upload.read(limit + 1)
+    if len(data) > limit:
+        raise PayloadTooLarge(f"file exceeds the limit of {limit} bytes (batch.max_file_bytes)")
+    return upload.filename or "upload.jsonl", purpose, data
+
+
 async def _sse(
     first: dict[str, Any], chunks: AsyncIterator[dict[str, Any]], framing: EventStream
 ) -> AsyncIterator[bytes]:
@@ -193,8 +219,10 @@ def router_deployment_options(config: RouterConfig) -> dict[str, Any]:
 class Router:
     """Routes chat requests to the model deployments by the ``model`` field."""
 
-    def __init__(self, config: dict[str, Any], models: dict[str, DeploymentHandle]) -> None:
+    def __init__(self, config: dict[str, Any], models: dict[str, DeploymentHandle], batches: DeploymentHandle) -> None:
         app_config = AppConfig.model_validate(config)
+        self._batches = batches
+        self._max_file_bytes = app_config.batch.max_file_bytes
         core = ServingCore(app_config, models)
         self._chat = ChatServing(core)
         self._messages = MessagesServing(core, self._chat)
@@ -281,6 +309,50 @@ class Router:
     async def detokenize(self, request: Request) -> dict[str, Any]:
         body = parse_request(await _read_json_body(request, self._max_body_bytes), DetokenizeRequest)
         return await self._tokenizer.detokenize(body)
+
+    # -- Files and Batches: the batch runner owns them ------------------------------------
+
+    @api.post("/v1/files", dependencies=[Depends(_authenticate)])
+    async def create_file(self, request: Request) -> dict[str, Any]:
+        filename, purpose, data = await _read_upload(request, self._max_file_bytes)
+        return await self._batches.create_file.remote(filename, purpose, data)
+
+    @api.get("/v1/files", dependencies=[Depends(_authenticate)])
+    async def files(self, request: Request) -> dict[str, Any]:
+        query = parse_request(dict(request.query_params), FileListQuery)
+        return await self._batches.files.remote(query.purpose, query.after, query.limit, query.order)
+
+    @api.get("/v1/files/{file_id}", dependencies=[Depends(_authenticate)])
+    async def file(self, file_id: str) -> dict[str, Any]:
+        return await self._batches.file.remote(file_id)
+
+    @api.get("/v1/files/{file_id}/content", dependencies=[Depends(_authenticate)])
+    async def file_content(self, file_id: str) -> StreamingResponse:
+        size = (await self._batches.file.remote(file_id))["bytes"]  # a missing file is a 404, not a cut stream
+        chunks = self._batches.options(stream=True).file_content.remote(file_id)
+        return StreamingResponse(chunks, media_type="application/octet-stream", headers={"content-length": str(size)})
+
+    @api.delete("/v1/files/{file_id}", dependencies=[Depends(_authenticate)])
+    async def delete_file(self, file_id: str) -> dict[str, Any]:
+        return await self._batches.delete_file.remote(file_id)
+
+    @api.post("/v1/batches", dependencies=[Depends(_authenticate)])
+    async def create_batch(self, request: Request) -> dict[str, Any]:
+        body = parse_request(await _read_json_body(request, self._max_body_bytes), BatchCreateRequest)
+        return await self._batches.create_batch.remote(body.model_dump())
+
+    @api.get("/v1/batches", dependencies=[Depends(_authenticate)])
+    async def batches(self, request: Request) -> dict[str, Any]:
+        query = parse_request(dict(request.query_params), BatchListQuery)
+        return await self._batches.batches.remote(query.after, query.limit)
+
+    @api.get("/v1/batches/{batch_id}", dependencies=[Depends(_authenticate)])
+    async def batch(self, batch_id: str) -> dict[str, Any]:
+        return await self._batches.batch.remote(batch_id)
+
+    @api.post("/v1/batches/{batch_id}/cancel", dependencies=[Depends(_authenticate)])
+    async def cancel_batch(self, batch_id: str) -> dict[str, Any]:
+        return await self._batches.cancel_batch.remote(batch_id)
 
     # -- Python API (deployment handles), mirroring nika's infer* methods -------------
 

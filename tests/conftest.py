@@ -41,6 +41,11 @@ def poll(predicate: Callable[[], Any], timeout_s: float, what: str) -> float:
     return time.monotonic() - started
 
 
+def batch_store(directory: Path) -> dict[str, str]:
+    """An app's ``batch`` paths under ``directory``: each app of a test session has a store of its own."""
+    return {"database": str(directory / "batches.sqlite3"), "files_uri": str(directory / "files")}
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -83,6 +83,13 @@ class Prompt(BaseModel):
     tools: tuple[dict[str, Any], ...] = Field(default=(), description="OpenAI tool specs, for the chat template.")
 
 
+class Priority(enum.IntEnum):
+    """Who is waiting for a generation (lower first, as vLLM's priority scheduling orders them)."""
+
+    INTERACTIVE = 0  # a client holds a connection open
+    BACKGROUND = 1  # a line of a batch job: it waits while interactive requests run on its replica
+
+
 class GenerationRequest(Prompt):
     """What crosses the handle from router to replica: small, serializable, engine-ready."""
 
@@ -90,6 +97,9 @@ class GenerationRequest(Prompt):
     sampling: SamplingParams
     stream_interval_s: float = Field(
         default=0.0, ge=0.0, description="Coalesce deltas into one chunk per interval after the first; 0: every delta."
+    )
+    priority: Priority = Field(
+        default=Priority.INTERACTIVE, description="Background work starts only in capacity interactive requests leave."
     )
 
 

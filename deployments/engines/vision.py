@@ -173,6 +173,9 @@ class VLLMEngine(Engine):
             "worker_extension_cls": f"{WorkerInspection.__module__}.{WorkerInspection.__qualname__}",
             "tensor_parallel_size": cfg.tensor_parallel_size,
             "pipeline_parallel_size": cfg.pipeline_parallel_size,
+            # Interactive requests (priority 0) are scheduled before batch lines, which are preempted
+            # first when the KV cache runs short.
+            "scheduling_policy": "priority",
         }
         if cfg.world_size > 1:  # CPU has no Ray executor (CpuPlatform.ray_device_key is empty)
             args["distributed_executor_backend"] = "ray" if cfg.platform == "cuda" else "mp"
@@ -342,7 +345,9 @@ class VLLMEngine(Engine):
         self._requests.add(request_id)
         try:
             # aclosing: closing this stream aborts the request in vLLM now, not when it is collected.
-            async with aclosing(self._engine.generate(prompt, sampling, request_id=request_id)) as outputs:
+            async with aclosing(
+                self._engine.generate(prompt, sampling, request_id=request_id, priority=int(request.priority))
+            ) as outputs:
                 async for output in outputs:
                     accepted = True
                     prompt_tokens = len(output.prompt_token_ids or ()) or prompt_tokens

@@ -14,7 +14,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import aclosing
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, TypeVar
 
 from pydantic import BaseModel, ValidationError
@@ -22,7 +22,7 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 
 from deployments.config import AppConfig, Deadlines, ModelConfig
-from deployments.engines.base import Delta, GenerationRequest, SamplingParams, TokenLogprob, Usage
+from deployments.engines.base import Delta, GenerationRequest, Priority, SamplingParams, TokenLogprob, Usage
 from deployments.errors import InferenceTimeout, InvalidRequest, ModelNotFound, ServeError, as_serve_error
 from deployments.metrics import router_metrics
 from deployments.protocol.common import GenerationFields
@@ -92,6 +92,14 @@ class Prepared:
     @property
     def request(self) -> GenerationRequest:
         return self.requests[0]
+
+    def background(self) -> Prepared:
+        """As background work (a batch line): its engine requests yield to interactive ones, and
+        waiting for them to leave room counts against the request's deadline, not the first chunk's."""
+        requests = tuple(r.model_copy(update={"priority": Priority.BACKGROUND}) for r in self.requests)
+        total = self.deadlines.request_timeout_s
+        deadlines = self.deadlines.model_copy(update={"first_chunk_timeout_s": total})
+        return replace(self, requests=requests, deadlines=deadlines)
 
     def usage(self, usages: Sequence[Usage | None]) -> Usage:
         """The request's usage: each prompt counted once (its ``n`` choices share it)."""
@@ -217,7 +225,7 @@ class ServingCore:
 
     async def deltas(self, prepared: Prepared, request: GenerationRequest) -> AsyncIterator[Delta]:
         """One choice's deltas under the request's deadlines; cancels the replica on early exit."""
-        metrics, tags = router_metrics(), {"model": prepared.model.name}
+        metrics, tags = router_metrics(), {"model": prepared.model.name, "priority": request.priority.name.lower()}
         started = last = time.perf_counter()
         first = True
         response = None

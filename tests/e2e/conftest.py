@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -18,7 +19,7 @@ from ray.serve.schema import ServeApplicationSchema, ServeDeploySchema
 from deployments.app import DEFAULT_APP_NAME, IMPORT_PATH
 from deployments.config import AppConfig
 from deployments.direct_ingress import direct_urls
-from tests.conftest import DIRECT_INGRESS_PORT, RayCluster, free_port, poll
+from tests.conftest import DIRECT_INGRESS_PORT, RayCluster, batch_store, free_port, poll
 
 APP_NAME = DEFAULT_APP_NAME
 DEPLOY_TIMEOUT_S = 600  # two vLLM engines and two llama.cpp models on 2 cores: ~170 s here, slower machines 2-3x
@@ -53,6 +54,7 @@ def e2e_config(
     return AppConfig.model_validate(
         {
             "router": {"deployment": {"num_replicas": 1, "ray_actor_options": {"num_cpus": 0.5}}},
+            "batch": batch_store(Path(tempfile.mkdtemp(prefix="nika-batches-"))),
             "models": gguf + vlms,
         }
     )

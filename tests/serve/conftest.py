@@ -18,11 +18,12 @@ from ray import serve
 
 from deployments.app import bind_app
 from deployments.config import AppConfig
-from tests.conftest import RayCluster, free_port, poll
+from tests.conftest import RayCluster, batch_store, free_port, poll
 from tests.fakes import FakeEngine, fake_gguf
 
 APP = "fake"
 SMALL = {"num_replicas": 1, "ray_actor_options": {"num_cpus": 0.1}}
+MAX_FILE_BYTES = 2**20
 
 
 def fake_config(gguf: Path, **models: dict[str, Any]) -> AppConfig:
@@ -31,6 +32,7 @@ def fake_config(gguf: Path, **models: dict[str, Any]) -> AppConfig:
     return AppConfig.model_validate(
         {
             "router": {"deployment": SMALL},
+            "batch": batch_store(gguf.parent / "batches") | {"max_file_bytes": MAX_FILE_BYTES, "deployment": SMALL},
             "models": [
                 {"name": name, "kind": "gguf", "path": str(gguf), "deployment": SMALL} | overrides
                 for name, overrides in entries.items()

@@ -185,6 +185,13 @@ def test_resources_place_replicas_on_the_intended_nodes() -> None:
     assert tp2.ray_actor_options["num_gpus"] == 0
     assert tp2._replica_config.placement_group_bundles == [{"CPU": 3.0, "GPU": 1.0}, {"CPU": 1.0, "GPU": 1.0}]
     assert tp2._replica_config.placement_group_strategy == "STRICT_PACK"
+    # The batch runner: on the head, whose disk (or the RayService's volume) keeps the batches' state.
+    runner = router.init_args[2]._bound_deployment
+    assert runner.ray_actor_options["resources"] == {"batch_store": 0.01} and runner.num_replicas == 1
+    assert load(CLUSTER / "ray-cluster.yaml")["available_node_types"]["head"]["resources"]["batch_store"] == 1
+    head = load(CLUSTER / "rayservice.yaml")["spec"]["rayClusterConfig"]["headGroupSpec"]
+    assert "batch_store" in head["rayStartParams"]["resources"]
+    assert head["template"]["spec"]["containers"][0]["volumeMounts"][0]["mountPath"] == "/app/.batches"
 
 
 def test_the_cluster_schema_check_catches_a_typo() -> None:
