@@ -1,20 +1,25 @@
 """Comparison: an image batch through our Batch API against ``vllm run-batch``, same model, same run.
 
-Both read the same JSONL file of ``N`` one-image chat requests to the demo VLM. Ours: the time
+Both read the same JSONL file of ``N`` one-image chat requests to the demo VLM. Ours, at each
+``batch.concurrency`` of ``CONCURRENCY`` (the targets are read at the default): the time
 from ``batches.create`` to ``completed`` (validation, every line through the router's serving
 path and the vLLM replica, the output file written). ``vllm run-batch`` loads its engine in the
-process it runs the file in, so it runs twice, with one request and with ``N``: its rate is the
-difference's. While our batch runs, interactive streaming requests (one at a time) measure the
-time to first token beside it; the same requests on the idle server first are the baseline.
+process it runs the file in: its rate is its own progress bar's, from the requests' submission to
+the last answer. Ours then runs the file again with interactive streaming requests beside it (one at a
+time, ``PROBE_INTERVAL_S`` apart) for their time to first token; the same requests on the idle
+server first are the baseline. The batch's rate with them beside it is reported too: it gives
+them the replica (its lines wait, and running ones are preempted) each time one comes.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -26,8 +31,9 @@ from benchmarks.context import BenchContext
 from benchmarks.loadgen import stream_chat
 from benchmarks.serving import ratio
 from benchmarks.stats import distribution_ms
-from benchmarks.systems import vllm_flags
+from benchmarks.systems import LOG_DIR, vllm_flags
 from benchmarks.workloads import image_data_url
+from deployments.batch.runner import batch_concurrency
 from deployments.config import VisionModelConfig
 from deployments.engines.vision import VLLMEngine
 
@@ -37,6 +43,10 @@ REQUESTS, QUICK_REQUESTS = 1000, 100
 MAX_TOKENS = 16
 IMAGES = 32  # distinct images, cycled over the requests
 PROBES_IDLE = 20
+CONCURRENCY = (4, 8, 16, 24)  # batch.concurrency: lines in flight, of the vision replica's 32 slots
+DEFAULT_CONCURRENCY = 16  # what batch.concurrency defaults to for it: half its slots
+BACKGROUND_PREFILLS = 2  # as serve_config.yaml's vision model: short engine steps for interactive requests
+PROBE_INTERVAL_S = 0.5  # interactive requests beside the second batch: one at a time, this far apart
 TARGET_THROUGHPUT_RATIO = 0.9
 TARGET_TTFT_RATIO = 1.2
 
@@ -70,78 +80,112 @@ def probe(url: str, model: str) -> float | None:
     return asyncio.run(once())
 
 
-def ours(ctx: BenchContext, model: VisionModelConfig, requests: Path, n: int) -> dict[str, Any]:
-    with ctx.ours.app(ctx.app_config(model)) as url:
+def run_ours(client: openai.OpenAI, requests: Path, n: int, label: str) -> tuple[Any, float]:
+    """One batch of the file, from ``batches.create`` to its end: (the batch, wall seconds)."""
+    file = client.files.create(file=requests.open("rb"), purpose="batch")
+    started = time.perf_counter()
+    batch = client.batches.create(input_file_id=file.id, endpoint="/v1/chat/completions", completion_window="24h")
+    while (batch := client.batches.retrieve(batch.id)).status not in ("completed", "failed", "cancelled"):
+        time.sleep(0.25)
+        print(f"   {label}: {batch.request_counts.completed if batch.request_counts else 0}/{n}", flush=True)
+    return batch, time.perf_counter() - started
+
+
+def ours(ctx: BenchContext, model: VisionModelConfig, requests: Path, n: int, concurrency: int) -> dict[str, Any]:
+    """At one ``batch.concurrency``: the batch alone (images/s), then again with interactive
+    requests arriving beside it (their TTFT, and the batch's rate meanwhile); the same requests on
+    the idle server first, as the baseline."""
+    config = ctx.app_config(model)
+    config = config.model_copy(update={"batch": config.batch.model_copy(update={"concurrency": concurrency})})
+    label = f"{OURS}, concurrency {concurrency}"
+    with ctx.ours.app(config) as url:
         for _ in range(3):  # warm up the engine's image path
             probe(url, model.name)
         idle = [t for t in (probe(url, model.name) for _ in range(PROBES_IDLE)) if t is not None]
         client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", timeout=300)
-        file = client.files.create(file=requests.open("rb"), purpose="batch")
-        started = time.perf_counter()
-        batch = client.batches.create(input_file_id=file.id, endpoint="/v1/chat/completions", completion_window="24h")
+        alone, alone_s = run_ours(client, requests, n, label)
         busy: list[float] = []
-        while (batch := client.batches.retrieve(batch.id)).status not in ("completed", "failed", "cancelled"):
-            if (ttft := probe(url, model.name)) is not None:
-                busy.append(ttft)
-            print(f"   {OURS}: {batch.request_counts.completed if batch.request_counts else 0}/{n}", flush=True)
-        wall = time.perf_counter() - started
-        counts = batch.request_counts.model_dump() if batch.request_counts else {}
+        stop = threading.Event()
+
+        def interactive() -> None:
+            while not stop.wait(PROBE_INTERVAL_S):
+                if (ttft := probe(url, model.name)) is not None:
+                    busy.append(ttft)
+
+        prober = threading.Thread(target=interactive)
+        prober.start()
+        try:
+            beside, beside_s = run_ours(client, requests, n, f"{label}, interactive requests beside it")
+        finally:
+            stop.set()
+            prober.join()
+        preemptions = ctx.ours.model_handle(model.name).priorities.remote().result()["preemptions"]
+    idle_ms, busy_ms = distribution_ms(idle), distribution_ms(busy)
     return {
-        "status": batch.status,
-        "request_counts": counts,
-        "wall_s": round(wall, 2),
-        "images_s": round(counts.get("completed", 0) / wall, 3),
-        "ttft_idle_ms": distribution_ms(idle),
-        "ttft_during_batch_ms": distribution_ms(busy),
+        "status": alone.status,
+        "request_counts": alone.request_counts.model_dump() if alone.request_counts else {},
+        "wall_s": round(alone_s, 2),
+        "images_s": round(_completed(alone) / alone_s, 3),
+        "ttft_idle_ms": idle_ms,
+        "ttft_during_batch_ms": busy_ms,
+        "ttft_p50_ratio": ratio(busy_ms["p50"], idle_ms["p50"]) if idle_ms and busy_ms else None,
         "probes_during_batch": len(busy),
+        "images_s_with_interactive_requests": round(_completed(beside) / beside_s, 3),
+        "preemptions": preemptions,
     }
 
 
-def run_batch(model: VisionModelConfig, requests: Path, output: Path, cache_dir: Path) -> float:
-    """Wall seconds of one ``vllm run-batch`` process (engine load included), with our engine arguments."""
-    command = [sys.executable, "-m", "vllm.entrypoints.launchers.run_batch", "-i", str(requests), "-o", str(output)]
-    env = os.environ | VLLMEngine.replica_env(model, cache_dir)
-    started = time.perf_counter()
-    subprocess.run(
-        command + vllm_flags(model), check=True, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
-    return time.perf_counter() - started
+def _completed(batch: Any) -> int:
+    return batch.request_counts.completed if batch.request_counts else 0
 
 
 def peer(model: VisionModelConfig, requests: Path, n: int, cache_dir: Path, work: Path) -> dict[str, Any]:
-    one = work / "one.jsonl"
-    one.write_text(requests.read_text().split("\n", 1)[0] + "\n")
-    load = run_batch(model, one, work / "one.out.jsonl", cache_dir)
-    total = run_batch(model, requests, work / "peer.out.jsonl", cache_dir)
+    """``vllm run-batch`` on the file with our engine arguments. Its rate is its own progress bar's
+    (requests over the time from their submission to the last answer: engine load excluded, as
+    ours excludes the replica's)."""
+    command = [sys.executable, "-m", "vllm.entrypoints.launchers.run_batch", "-i", str(requests),
+               "-o", str(work / "peer.out.jsonl"), *vllm_flags(model)]  # fmt: skip
+    started = time.perf_counter()
+    done = subprocess.run(command, env=os.environ | VLLMEngine.replica_env(model, cache_dir), capture_output=True,
+                          text=True, check=False)  # fmt: skip
+    wall = time.perf_counter() - started
+    LOG_DIR.mkdir(exist_ok=True)
+    (LOG_DIR / "vllm_run_batch.log").write_text(done.stdout + done.stderr)
+    if done.returncode != 0:
+        raise RuntimeError(f"vllm run-batch failed ({done.returncode}); see {LOG_DIR / 'vllm_run_batch.log'}")
+    rates = re.findall(rf"Completed \| {n}/{n} \[(\S+)<\S+, ([\d.]+)req/s\]", done.stderr)
     answered = sum(1 for raw in (work / "peer.out.jsonl").read_text().splitlines()
-                   if json.loads(raw).get("response", {}).get("status_code") == 200)  # fmt: skip
-    return {
-        "wall_s": round(total, 2),
-        "startup_and_one_request_s": round(load, 2),
-        "answered": answered,
-        "images_s": round((n - 1) / (total - load), 3),
-    }
+                   if (json.loads(raw).get("response") or {}).get("status_code") == 200)  # fmt: skip
+    return {"wall_s": round(wall, 2), "elapsed": rates[-1][0], "answered": answered, "images_s": float(rates[-1][1])}
 
 
 def run(ctx: BenchContext) -> dict[str, Any]:
-    model = ctx.vision_model()
+    model = ctx.vision_model().model_copy(update={"background_prefills": BACKGROUND_PREFILLS})
+    assert batch_concurrency(model, ctx.app_config(model)) == DEFAULT_CONCURRENCY
     n = QUICK_REQUESTS if ctx.quick else REQUESTS
     with tempfile.TemporaryDirectory(prefix="nika-bench-batch-") as tmp:
         work = Path(tmp)
         requests = batch_file(model.name, n, work / "requests.jsonl")
-        systems = {OURS: ours(ctx, model, requests, n)}
+        levels = {str(c): ours(ctx, model, requests, n, c) for c in CONCURRENCY}
         print(f"   {PEER}: {n} requests", flush=True)
-        systems[PEER] = peer(model, requests, n, ctx.app_config(model).cache_dir, work)
-    throughput = ratio(systems[OURS]["images_s"], systems[PEER]["images_s"])
-    idle, busy = systems[OURS]["ttft_idle_ms"], systems[OURS]["ttft_during_batch_ms"]
-    ttft = ratio(busy["p50"], idle["p50"]) if idle and busy else None
+        peer_result = peer(model, requests, n, ctx.app_config(model).cache_dir, work)
+    default = levels[str(DEFAULT_CONCURRENCY)]
+    throughput = ratio(default["images_s"], peer_result["images_s"])
+    ttft = default["ttft_p50_ratio"]
+    best = max(levels.values(), key=lambda level: level["images_s"])
     return {
-        "comparison": f"{n} one-image requests: our Batch API vs vllm run-batch, interactive TTFT beside ours",
+        "comparison": f"{n} one-image requests: our Batch API vs vllm run-batch; interactive TTFT beside ours",
         "model": model.name,
         "requests": n,
         "max_tokens": MAX_TOKENS,
-        "systems": systems,
-        "ratios": {"images_s": throughput, "interactive_ttft_p50_busy_over_idle": ttft},
+        "default_concurrency": DEFAULT_CONCURRENCY,
+        "background_prefills": BACKGROUND_PREFILLS,
+        "systems": {OURS: {"concurrency": levels}, PEER: peer_result},
+        "ratios": {
+            "images_s": throughput,
+            "interactive_ttft_p50_busy_over_idle": ttft,
+            "best_images_s": ratio(best["images_s"], peer_result["images_s"]),
+        },
         "targets": {
             f"images/s >= {TARGET_THROUGHPUT_RATIO}x vllm run-batch": throughput is not None
             and throughput >= TARGET_THROUGHPUT_RATIO,

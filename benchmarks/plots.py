@@ -126,15 +126,25 @@ def batched_serving(result: dict[str, Any], ax: list[Any]) -> None:
 
 
 def batch_serving(result: dict[str, Any], ax: list[Any]) -> None:
-    """Images/s of the two batch runners, and interactive TTFT on the idle server and beside a batch."""
-    systems = result["systems"]
-    names = list(systems)
-    _bars(ax[0], names, [systems[n]["images_s"] for n in names], f"{result['requests']} one-image requests", "images/s")
-    ax[0].set_xlabel(f"ours / peer {result['ratios']['images_s']} (target >= 0.9)")
-    ours = next(iter(systems.values()))
-    phases = {"idle server": ours["ttft_idle_ms"], "during the batch": ours["ttft_during_batch_ms"]}
-    _bars(ax[1], list(phases), [(p or {}).get("p50", 0) for p in phases.values()], "interactive TTFT, p50", "ms")
-    ax[1].set_xlabel(f"during / idle {result['ratios']['interactive_ttft_p50_busy_over_idle']} (target <= 1.2)")
+    """Images/s and interactive TTFT (during / idle) by the batch's concurrency, the peer's rate beside."""
+    (ours_name, ours), (peer_name, peer) = result["systems"].items()
+    levels = ours["concurrency"]
+    c = [int(k) for k in levels]
+    ax[0].plot(c, [levels[k]["images_s"] for k in levels], marker="o", label=f"{ours_name}, alone")
+    ax[0].plot(c, [levels[k]["images_s_with_interactive_requests"] for k in levels], marker="o",
+               label=f"{ours_name}, interactive requests beside it")  # fmt: skip
+    ax[0].axhline(peer["images_s"], color="k", linestyle=":", label=peer_name)
+    ax[0].set_title(f"{result['requests']} one-image requests")
+    ax[0].set_ylabel("images/s")
+    ax[1].plot(c, [levels[k]["ttft_p50_ratio"] for k in levels], marker="o", color="C2")
+    ax[1].axhline(1.2, color="k", linestyle=":", label="target 1.2x")
+    ax[1].set_title("interactive TTFT p50 during the batch / idle")
+    ax[1].set_ylabel("x idle")
+    for a in ax:
+        a.set_xlabel(f"batch.concurrency (default {result['default_concurrency']})")
+        a.set_xscale("log", base=2)
+        a.set_xticks(c, [str(x) for x in c])
+        a.legend(fontsize=7)
 
 
 def structured_output(result: dict[str, Any], ax: list[Any]) -> None:

@@ -192,6 +192,12 @@ class ModelConfigBase(StrictModel):
         "meanwhile: each chunk costs CPU on every hop, so fast models stream faster in fewer chunks. "
         "0 sends each token alone. Capped per request at half its chunk deadline.",
     )
+    background_prefills: PositiveInt | None = Field(
+        default=None,
+        description="Batch lines processing their prompt at once on a replica (None: as many as "
+        "batch.concurrency sends). An interactive request that arrives preempts them, but waits for the "
+        "engine step in progress: on CPU, 1-2 keep that step short (benchmarks: batch_serving).",
+    )
     sampling: SamplingDefaults = SamplingDefaults()
     deadlines: DeadlinePolicy = DeadlinePolicy()
     deployment: DeploymentOptions = DeploymentOptions()

@@ -86,7 +86,10 @@ class ModelReplica:
         self._interactive = 0
         self._no_interactive = asyncio.Event()
         self._no_interactive.set()
-        self._background_waits = 0
+        self._preemption = asyncio.Event()  # set, and replaced, when an interactive request arrives
+        self._background_waits = self._preemptions = 0
+        prefills = self._config.background_prefills
+        self._prefills = asyncio.Semaphore(prefills) if prefills is not None else None
         self._last_progress = time.monotonic()
         self._metrics, self._tags = replica_metrics(), {"model": self._config.name}
         self._counted = dict.fromkeys(ENGINE_COUNTERS, 0.0)  # counter values published so far
@@ -156,15 +159,31 @@ class ModelReplica:
         This is the one place the contract is enforced for every engine and every caller: a
         stream that ends without its final delta (finish reason and usage) raises instead, so
         no client ever reads a silently truncated answer as a complete one.
+
+        Background work (a batch line) only takes what interactive requests leave: it starts
+        while none is in flight on this replica, is preempted (stopped in the engine) when one
+        arrives, and runs again from its start once they are gone; so it comes back whole, as
+        one delta.
         """
         self._require_loaded()
-        if request.priority is Priority.INTERACTIVE:
-            self._interactive += 1
+        if request.priority is Priority.BACKGROUND:
+            yield await self._background(request)
+            return
+        self._interactive += 1
+        if self._interactive == 1:
             self._no_interactive.clear()
-        elif not self._no_interactive.is_set():
-            self._background_waits += 1
-            await self._no_interactive.wait()
-            self._require_loaded()
+            self._preemption.set()
+            self._preemption = asyncio.Event()
+        try:
+            async with aclosing(self._stream(request)) as chunks:
+                async for chunk in chunks:
+                    yield chunk
+        finally:
+            self._interactive -= 1
+            if not self._interactive:
+                self._no_interactive.set()
+
+    async def _stream(self, request: GenerationRequest) -> AsyncIterator[Delta]:
         self._in_flight += 1
         if self._in_flight == 1:  # the silence clock runs only while there is work
             self._last_progress = time.monotonic()
@@ -185,15 +204,53 @@ class ModelReplica:
                 raise self._interrupted()
         finally:
             self._in_flight -= 1
-            if request.priority is Priority.INTERACTIVE:
-                self._interactive -= 1
-                if not self._interactive:
-                    self._no_interactive.set()
             self._report_load()
 
+    async def _background(self, request: GenerationRequest) -> Delta:
+        """A background generation, whole, in the time interactive requests leave."""
+        while True:
+            if not self._no_interactive.is_set():
+                self._background_waits += 1
+                await self._no_interactive.wait()
+                self._require_loaded()
+            preempted = asyncio.ensure_future(self._preemption.wait())
+            run = asyncio.ensure_future(self._whole(request))
+            try:
+                await asyncio.wait((run, preempted), return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                preempted.cancel()
+                if not run.done():
+                    run.cancel()  # closes the engine stream: the engine drops the sequence
+                    await asyncio.gather(run, return_exceptions=True)
+            if not run.cancelled():
+                return run.result()
+            self._preemptions += 1
+
+    async def _whole(self, request: GenerationRequest) -> Delta:
+        """The whole generation; at most ``background_prefills`` of them process their prompt at once."""
+        parts: list[Delta] = []
+        prefilling = self._prefills
+        if prefilling is not None:
+            await prefilling.acquire()
+        try:
+            async with aclosing(self._stream(request)) as chunks:
+                async for chunk in chunks:
+                    if prefilling is not None:  # its first token: the prompt is done
+                        prefilling.release()
+                        prefilling = None
+                    parts.append(chunk)
+        finally:
+            if prefilling is not None:
+                prefilling.release()
+        return Delta.join(parts)
+
     async def priorities(self) -> dict[str, int]:
-        """Interactive requests in flight, and how often background work waited for them to leave."""
-        return {"interactive": self._interactive, "background_waits": self._background_waits}
+        """Interactive requests in flight; how often background work waited for them, and was preempted."""
+        return {
+            "interactive": self._interactive,
+            "background_waits": self._background_waits,
+            "preemptions": self._preemptions,
+        }
 
     async def embed(self, inputs: list[str | list[int]]) -> Embeddings:
         """One vector per input (models configured for embeddings)."""

@@ -59,7 +59,8 @@ class FakeEngine(Engine):
         super().__init__(config)
         self._loaded = False
         self._active = 0
-        self.counters = {"started": 0, "finished": 0, "closed_early": 0, "failed": 0}
+        self.counters = {"started": 0, "finished": 0, "closed_early": 0, "failed": 0, "most_prefilling": 0}
+        self._prefilling = 0  # generations before their first token
 
     async def load(self) -> None:
         if self.config.name.startswith("broken"):
@@ -96,8 +97,13 @@ class FakeEngine(Engine):
         self._active += 1
         self.counters["started"] += 1
         ended = False
+        self._prefilling += 1
+        self.counters["most_prefilling"] = max(self.counters["most_prefilling"], self._prefilling)
+        prefilling = True
         try:
             await asyncio.sleep(script.first_delay_s)
+            self._prefilling -= 1
+            prefilling = False
             for i, token in enumerate(script.tokens):
                 if i == script.fail_after:
                     self._raise(script.fail)
@@ -118,6 +124,8 @@ class FakeEngine(Engine):
             ended = True
             raise
         finally:
+            if prefilling:
+                self._prefilling -= 1
             self._active -= 1
             self.counters["finished" if ended else "closed_early"] += 1
             self.idle_since = time.time() if not self._active else None

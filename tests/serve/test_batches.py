@@ -5,6 +5,7 @@ runner or the whole app restarts mid-batch."""
 from __future__ import annotations
 
 import json
+import sqlite3
 import threading
 from typing import Any
 
@@ -48,6 +49,15 @@ def wait(client: openai.OpenAI, batch_id: str, timeout_s: float = 60, statuses: 
 
     poll(reached, timeout_s, f"batch {batch_id} to reach {statuses}")
     return found[0]
+
+
+def completed(client: openai.OpenAI, batch_id: str) -> int:
+    """The batch's completed lines so far (0 while the app is being redeployed)."""
+    try:
+        counts = client.batches.retrieve(batch_id).request_counts
+    except openai.APIError:
+        return 0
+    return counts.completed if counts else 0
 
 
 def results(client: openai.OpenAI, batch: Batch) -> dict[str, dict[str, Any]]:
@@ -142,6 +152,8 @@ def test_a_cancelled_batch_stops_its_lines_in_the_engine_and_lists_the_rest(
     slow = Script(tokens=["x"] * 200, delay_s=0.05)
     batch = start(client, [request_line(i, slow) for i in range(8)])
     poll(lambda: fake_app.counters()["started"] > before["started"], 30, "lines running")
+    with pytest.raises(openai.ConflictError, match="cancel it first"):
+        client.files.delete(batch.input_file_id)  # a running batch's input stays
     assert client.batches.cancel(batch.id).status in ("cancelling", "cancelled")
     batch = wait(client, batch.id)
     assert batch.status == "cancelled" and batch.cancelling_at and batch.cancelled_at
@@ -187,17 +199,10 @@ def test_nothing_is_lost_when_the_runner_or_the_app_restarts_mid_batch(
     lines = [request_line(i, Script(tokens=["z"] * 20, delay_s=0.05)) for i in range(40)]
     batch = start(client, lines)
 
-    def completed() -> int:
-        try:
-            counts = client.batches.retrieve(batch.id).request_counts
-        except openai.APIError:
-            return 0
-        return counts.completed if counts else 0
-
-    poll(lambda: completed() >= 2, 60, "a few lines done")
+    poll(lambda: completed(client, batch.id) >= 2, 60, "a few lines done")
     kill_runner()  # Serve starts another, which carries on from the store
-    before = completed()
-    poll(lambda: completed() > before, 60, "the new runner to carry on")
+    before = completed(client, batch.id)
+    poll(lambda: completed(client, batch.id) > before, 60, "the new runner to carry on")
     serve.delete(APP)  # the whole app goes, and comes back
     fake_app.redeploy(fake_config(fake_app.gguf))
     batch = wait(client, batch.id, timeout_s=120)
@@ -206,3 +211,54 @@ def test_nothing_is_lost_when_the_runner_or_the_app_restarts_mid_batch(
     found = results(client, batch)
     assert set(found) == {f"req-{i}" for i in range(40)}
     assert all(line["response"]["status_code"] == 200 for line in found.values())
+
+
+def test_an_interactive_request_preempts_running_batch_lines_which_run_again_whole(
+    fake_app: FakeApp, client: openai.OpenAI
+) -> None:
+    replica = serve.get_deployment_handle("model-fake", APP)
+    before, counters = replica.priorities.remote().result(timeout_s=10), fake_app.counters()
+    slow = Script(tokens=[f"t{i} " for i in range(30)], delay_s=0.05)
+    batch = start(client, [request_line(i, slow) for i in range(2)])
+    poll(lambda: fake_app.counters()["started"] >= counters["started"] + 2, 30, "both lines in the engine")
+    answer = client.chat.completions.create(**scripted(Script(tokens=["now"])))  # interactive
+    assert answer.choices[0].message.content == "now"
+    after = replica.priorities.remote().result(timeout_s=10)
+    assert after["preemptions"] >= before["preemptions"] + 2
+    assert fake_app.counters()["closed_early"] >= counters["closed_early"] + 2  # stopped in the engine
+    batch = wait(client, batch.id)
+    assert batch.status == "completed"
+    for line in results(client, batch).values():  # run again from the start: whole, nothing twice
+        assert line["response"]["body"]["choices"][0]["message"]["content"] == "".join(slow.tokens)
+
+
+@pytest.mark.slow
+def test_a_batch_past_its_window_expires_and_lists_the_lines_it_never_ran(
+    fake_app: FakeApp, client: openai.OpenAI
+) -> None:
+    batch = start(client, [request_line(i, Script(tokens=["w"] * 20, delay_s=0.05)) for i in range(40)])
+    poll(lambda: completed(client, batch.id) >= 1, 60, "a line done")
+    with sqlite3.connect(fake_app.gguf.parent / "batches" / "batches.sqlite3") as db:  # the window closes now
+        db.execute("UPDATE batches SET expires_at = 0 WHERE id = ?", (batch.id,))
+    kill_runner()  # the runner that starts reads the window anew
+    batch = wait(client, batch.id, timeout_s=120)
+    assert batch.status == "expired" and batch.expired_at
+    found = results(client, batch)
+    assert set(found) == {f"req-{i}" for i in range(40)}
+    never = [line for line in found.values() if line["response"] is None]
+    assert never and {line["error"]["code"] for line in never} == {"batch_expired"}
+    assert batch.request_counts.completed + len(never) == 40
+
+
+@pytest.mark.slow
+def test_at_most_background_prefills_batch_lines_process_their_prompt_at_once(
+    fake_app: FakeApp, client: openai.OpenAI
+) -> None:
+    fake_app.redeploy(fake_config(fake_app.gguf, fake={"background_prefills": 1}))
+    try:
+        slow_prompt = Script(first_delay_s=0.2, tokens=["a", "b"], delay_s=0.2)
+        batch = wait(client, start(client, [request_line(i, slow_prompt) for i in range(6)]).id)
+        assert batch.status == "completed" and batch.request_counts.completed == 6
+        assert fake_app.counters()["most_prefilling"] == 1  # the others waited for its first token
+    finally:
+        fake_app.redeploy(fake_config(fake_app.gguf))
