@@ -139,3 +139,11 @@ def test_a_result_is_recorded_once_and_survives_a_new_store(store: Store, tmp_pa
     assert list(reopened.results(batch["id"], ok=True)) == [b"third\n"]
     assert reopened.batch(batch["id"])["request_counts"] == {"total": 3, "completed": 1, "failed": 1}
     assert [b["id"] for b in reopened.unfinished_batches()] == [batch["id"]]
+
+
+def test_file_contents_go_wherever_pyarrow_fs_opens_a_uri(tmp_path: Path) -> None:
+    """``files_uri`` is a URI for Ray's filesystem layer (s3://, gs://, file://), not only a folder."""
+    store = Store(tmp_path / "state.sqlite3", (tmp_path / "objects").as_uri())
+    file = store.add_file("in.jsonl", "batch", [line("a")])
+    assert (tmp_path / "objects" / file["id"]).read_bytes() == line("a")
+    assert list(store.read_lines(file["id"])) == [line("a")]
