@@ -214,30 +214,28 @@ class BatchRunner:
                     yield number, raw
 
     async def _run_lines(self, batch: dict[str, Any]) -> BatchStatus:
-        """Run every line without a result; COMPLETED, or EXPIRED if the window closed first."""
+        """Run every line without a result; COMPLETED, or EXPIRED when the window closes first
+        (the lines still running then are stopped, in the engines too)."""
         done = await self._io(self._store.done_lines, batch["id"])
         window = asyncio.Semaphore(self._window)
         tasks: set[asyncio.Task[None]] = set()
-        status = BatchStatus.COMPLETED
+        loop = asyncio.get_running_loop()
         try:
-            async for number, raw in self._input_lines(batch["input_file_id"]):
-                if number in done:
-                    continue
-                await window.acquire()
-                if time.time() >= batch["expires_at"]:
-                    status = BatchStatus.EXPIRED
-                    break
-                task = asyncio.create_task(self._run_line(batch, number, raw))
-                tasks.add(task)
-                task.add_done_callback(lambda t: (tasks.discard(t), window.release()))
-            if status is BatchStatus.EXPIRED:
-                for task in tasks:
-                    task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=status is BatchStatus.EXPIRED)
+            async with asyncio.timeout_at(loop.time() + batch["expires_at"] - time.time()):
+                async for number, raw in self._input_lines(batch["input_file_id"]):
+                    if number in done:
+                        continue
+                    await window.acquire()
+                    task = asyncio.create_task(self._run_line(batch, number, raw))
+                    tasks.add(task)
+                    task.add_done_callback(lambda t: (tasks.discard(t), window.release()))
+                await asyncio.gather(*tasks)
+        except TimeoutError:
+            return BatchStatus.EXPIRED
         finally:
             for task in tasks:
                 task.cancel()
-        return status
+        return BatchStatus.COMPLETED
 
     async def _run_line(self, batch: dict[str, Any], number: int, raw: bytes) -> None:
         line = parse_line(raw)

@@ -94,12 +94,11 @@ class Prepared:
         return self.requests[0]
 
     def background(self) -> Prepared:
-        """As background work (a batch line): its engine requests yield to interactive ones, and
-        waiting for them to leave room counts against the request's deadline, not the first chunk's."""
+        """As background work (a batch line): its engine requests yield to interactive ones for as
+        long as those keep coming, so no deadline runs; its batch's window bounds it, and a stalled
+        engine fails its replica's health check (``stall_timeout_s``) and the line runs again."""
         requests = tuple(r.model_copy(update={"priority": Priority.BACKGROUND}) for r in self.requests)
-        total = self.deadlines.request_timeout_s
-        deadlines = self.deadlines.model_copy(update={"first_chunk_timeout_s": total})
-        return replace(self, requests=requests, deadlines=deadlines)
+        return replace(self, requests=requests, deadlines=Deadlines())
 
     def usage(self, usages: Sequence[Usage | None]) -> Usage:
         """The request's usage: each prompt counted once (its ``n`` choices share it)."""

@@ -10,8 +10,8 @@ from typing import Any
 
 import pytest
 
-from deployments.config import AppConfig
-from deployments.engines.base import Delta, ModelFacts, ModelInfo, ModelStatus, Usage
+from deployments.config import AppConfig, Deadlines
+from deployments.engines.base import Delta, ModelFacts, ModelInfo, ModelStatus, Priority, Usage
 from deployments.errors import InferenceTimeout, InternalError, InvalidRequest, ModelNotFound, Overloaded
 from deployments.protocol.chat import ChatCompletionRequest
 from deployments.protocol.completions import CompletionRequest
@@ -135,6 +135,12 @@ def test_prepare_resolves_sampling_deadlines_and_refuses_what_cannot_work(servic
         asyncio.run(service.chat.prepare(body(max_tokens=4096), "id"))
     with pytest.raises(InvalidRequest, match="exceeds the maximum"):
         asyncio.run(service.chat.prepare(body(request_timeout_s=10**6), "id"))
+
+
+def test_background_work_has_every_choice_deprioritized_and_no_deadline(service: Services) -> None:
+    prepared = asyncio.run(service.chat.prepare(body(n=2, chunk_timeout_s=2), "id")).background()
+    assert [r.priority for r in prepared.requests] == [Priority.BACKGROUND] * 2
+    assert prepared.deadlines == Deadlines()
 
 
 def test_stream_and_complete_share_the_deltas(service: Services) -> None:
