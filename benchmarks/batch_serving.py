@@ -31,7 +31,7 @@ from benchmarks.context import BenchContext
 from benchmarks.loadgen import stream_chat
 from benchmarks.serving import ratio
 from benchmarks.stats import distribution_ms
-from benchmarks.systems import LOG_DIR, vllm_flags
+from benchmarks.systems import LOG_DIR, CpuClock, vllm_flags
 from benchmarks.workloads import image_data_url
 from deployments.batch.runner import batch_concurrency
 from deployments.config import VisionModelConfig
@@ -103,7 +103,10 @@ def ours(ctx: BenchContext, model: VisionModelConfig, requests: Path, n: int, co
             probe(url, model.name)
         idle = [t for t in (probe(url, model.name) for _ in range(PROBES_IDLE)) if t is not None]
         client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", timeout=300)
+        clock = cpu_clock(ctx, model.name)
+        clock.start()
         alone, alone_s = run_ours(client, requests, n, label)
+        cpu = clock.stop()
         busy: list[float] = []
         stop = threading.Event()
 
@@ -126,6 +129,10 @@ def ours(ctx: BenchContext, model: VisionModelConfig, requests: Path, n: int, co
         "request_counts": alone.request_counts.model_dump() if alone.request_counts else {},
         "wall_s": round(alone_s, 2),
         "images_s": round(_completed(alone) / alone_s, 3),
+        "cpu_ms_per_image": {
+            name: round(1000 * s / max(1, _completed(alone)), 2) for name, s in cpu.items() if name != "machine busy"
+        },
+        "machine_busy": round(cpu["machine busy"], 3),
         "ttft_idle_ms": idle_ms,
         "ttft_during_batch_ms": busy_ms,
         "ttft_p50_ratio": ratio(busy_ms["p50"], idle_ms["p50"]) if idle_ms and busy_ms else None,
@@ -133,6 +140,22 @@ def ours(ctx: BenchContext, model: VisionModelConfig, requests: Path, n: int, co
         "images_s_with_interactive_requests": round(_completed(beside) / beside_s, 3),
         "preemptions": preemptions,
     }
+
+
+def cpu_clock(ctx: BenchContext, model: str) -> CpuClock:
+    """The processes a batch line passes through: the runner (parse, validate, check the image, one
+    Serve call), the vLLM replica (Serve's request handling, vLLM's input and output processing)
+    and its engine core (the model); on 2 cores they share the CPUs the engine needs."""
+    import psutil
+
+    (replica,) = ctx.ours.replica_pids(model)
+    return CpuClock(
+        {
+            "batch runner": ctx.ours.deployment_pids("BatchRunner"),
+            "vllm replica": [replica],
+            "vllm engine core": [p.pid for p in psutil.Process(replica).children(recursive=True)],
+        }
+    )
 
 
 def _completed(batch: Any) -> int:
@@ -156,7 +179,11 @@ def peer(model: VisionModelConfig, requests: Path, n: int, cache_dir: Path, work
     rates = re.findall(rf"Completed \| {n}/{n} \[(\S+)<\S+, ([\d.]+)req/s\]", done.stderr)
     answered = sum(1 for raw in (work / "peer.out.jsonl").read_text().splitlines()
                    if (json.loads(raw).get("response") or {}).get("status_code") == 200)  # fmt: skip
-    return {"wall_s": round(wall, 2), "elapsed": rates[-1][0], "answered": answered, "images_s": float(rates[-1][1])}
+    images_s = float(rates[-1][1])
+    # One process and its engine core on every core at most: the CPU time it can spend per image.
+    bound = round(1000 * (os.cpu_count() or 1) / images_s, 2)
+    return {"wall_s": round(wall, 2), "elapsed": rates[-1][0], "answered": answered, "images_s": images_s,
+            "cpu_ms_per_image_at_most": bound}  # fmt: skip
 
 
 def run(ctx: BenchContext) -> dict[str, Any]:

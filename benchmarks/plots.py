@@ -140,7 +140,18 @@ def batch_serving(result: dict[str, Any], ax: list[Any]) -> None:
     ax[1].axhline(1.2, color="k", linestyle=":", label="target 1.2x")
     ax[1].set_title("interactive TTFT p50 during the batch / idle")
     ax[1].set_ylabel("x idle")
-    for a in ax:
+    bottom = [0.0] * len(c)
+    for name in levels[str(c[0])]["cpu_ms_per_image"]:
+        ms = [levels[k]["cpu_ms_per_image"][name] for k in levels]
+        ax[2].bar([str(x) for x in c], ms, bottom=bottom, label=name)
+        bottom = [b + m for b, m in zip(bottom, ms, strict=True)]
+    ax[2].axhline(peer["cpu_ms_per_image_at_most"], color="k", linestyle=":",
+                  label=f"{peer_name}: all cores / its images/s")  # fmt: skip
+    ax[2].set_title("CPU time per image, by process (alone)")
+    ax[2].set_ylabel("ms of one core")
+    ax[2].set_xlabel(f"batch.concurrency (default {result['default_concurrency']})")
+    ax[2].legend(fontsize=7)
+    for a in ax[:2]:
         a.set_xlabel(f"batch.concurrency (default {result['default_concurrency']})")
         a.set_xscale("log", base=2)
         a.set_xticks(c, [str(x) for x in c])
@@ -208,7 +219,7 @@ PLOTS = {
     "batched_serving": (batched_serving, 4),
     "structured_output": (structured_output, 1),
     "vision_serving": (_sweep, 3),
-    "batch_serving": (batch_serving, 2),
+    "batch_serving": (batch_serving, 3),
     "deadline_accuracy": (deadline_accuracy, 1),
     "cancellation": (cancellation, 1),
     "gpu_engine": (gpu_engine, 3),

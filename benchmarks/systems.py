@@ -134,6 +134,36 @@ def process_tree_rss_mib(pids: list[int]) -> float:
     return round(total / 2**20, 1)
 
 
+class CpuClock:
+    """CPU seconds (user + system) that groups of processes spend between ``start`` and ``stop``,
+    and how busy the whole machine was meanwhile: where a CPU-bound run's time goes."""
+
+    def __init__(self, groups: dict[str, list[int]]) -> None:
+        import psutil
+
+        self._groups = {name: [psutil.Process(pid) for pid in pids] for name, pids in groups.items()}
+
+    def _read(self) -> dict[str, float]:
+        import psutil
+
+        seconds = {name: sum(sum(p.cpu_times()[:2]) for p in procs) for name, procs in self._groups.items()}
+        times = psutil.cpu_times()
+        seconds["machine busy"] = sum(times) - times.idle - getattr(times, "iowait", 0.0)
+        return seconds
+
+    def start(self) -> None:
+        self._wall, self._started = time.perf_counter(), self._read()
+
+    def stop(self) -> dict[str, float]:
+        """CPU seconds per group since ``start``; ``machine busy`` as a fraction of all cores."""
+        import psutil
+
+        wall, now = time.perf_counter() - self._wall, self._read()
+        spent = {name: now[name] - self._started[name] for name in now}
+        spent["machine busy"] /= wall * psutil.cpu_count()
+        return spent
+
+
 def vllm_flags(model: VisionModelConfig) -> list[str]:
     """vLLM's command-line flags for the engine arguments of our vLLM replica."""
     kwargs = VLLMEngine(model).engine_kwargs()
@@ -226,11 +256,15 @@ class OurStack:
 
     def replica_pids(self, model: str, app: str = APP_NAME) -> list[int]:
         """The PIDs of the model's replica actors in ``app``."""
-        import ray
-
         from deployments.replica import deployment_name
 
-        prefix = f"SERVE_REPLICA::{app}#{deployment_name(model)}#"
+        return self.deployment_pids(deployment_name(model), app)
+
+    def deployment_pids(self, deployment: str, app: str = APP_NAME) -> list[int]:
+        """The PIDs of the replica actors of ``deployment`` in ``app``."""
+        import ray
+
+        prefix = f"SERVE_REPLICA::{app}#{deployment}#"
         names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if a["name"].startswith(prefix)]
         return [ray.get(ray.get_actor(n, namespace="serve").__ray_call__.remote(lambda _: os.getpid())) for n in names]
 

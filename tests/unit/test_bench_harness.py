@@ -84,3 +84,26 @@ def test_the_gpu_benchmark_states_its_targets_as_ratios_within_the_run() -> None
         "ours_over_llama_server_backend_sampling": None,
     }
     assert out["ttft_p50_c8_over_c1"] == 2.5
+
+
+def test_the_cpu_clock_charges_each_group_its_own_cpu_time() -> None:
+    """What batch_serving reports per image: CPU seconds by process, beside the machine's busy share."""
+    import os
+    import time
+
+    from benchmarks.systems import CpuClock
+
+    idle = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        clock = CpuClock({"this process": [os.getpid()], "a sleeping child": [idle.pid]})
+        clock.start()
+        started = time.process_time()
+        while time.process_time() - started < 0.3:  # burn CPU: this process's own clock, not wall time
+            sum(range(10_000))
+        spent = clock.stop()
+    finally:
+        idle.kill()
+        idle.wait()
+    assert spent["this process"] >= 0.25
+    assert spent["a sleeping child"] < spent["this process"] / 2
+    assert 0 < spent["machine busy"] <= 1
