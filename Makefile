@@ -79,7 +79,7 @@ $(DEMO_MODELS) &: | $(INSTALLED)
 models: $(DEMO_MODELS)
 
 serve: install models
-	$(PY) -m deployments.config serve_config.yaml
+	$(PY) -m deployments.config --local serve_config.yaml
 	$(VENV)/bin/serve run serve_config.yaml
 
 lint: install

@@ -8,6 +8,7 @@ into :class:`AppConfig`. Every model is strict (unknown keys are errors), so a t
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal
@@ -28,9 +29,11 @@ from deployments.placement import (
     LayoutError,
     NodeType,
     Placement,
+    Resources,
     Strategy,
     node_types_of,
     node_types_of_rayservice,
+    sum_resources,
 )
 from deployments.placement import layout_problems as layout_problems_of
 
@@ -648,9 +651,59 @@ def layout_problems(config: AppConfig, nodes: list[NodeType]) -> list[str]:
     return problems
 
 
-def validate_serve_config(path: Path, cluster: Path | None = None) -> dict[str, AppConfig]:
+def _starting_replicas(options: dict[str, Any]) -> int:
+    """Replicas a deployment starts with: ``num_replicas``, or autoscaling's initial (else minimum) count."""
+    autoscaling = options.get("autoscaling_config")
+    if autoscaling is None:
+        return int(options.get("num_replicas") or 1)
+    initial = autoscaling.get("initial_replicas")
+    return int(initial if initial is not None else autoscaling.get("min_replicas", 1))
+
+
+def starting_demand(config: AppConfig) -> dict[str, Resources]:
+    """What each deployment of the app reserves once its starting replicas run (all of them, groups included)."""
+    from deployments.batch.runner import runner_deployment_options
+    from deployments.replica import deployment_name, model_deployment_options
+    from deployments.router import router_deployment_options
+
+    deployments = {
+        "router": router_deployment_options(config.router),
+        "batch runner": runner_deployment_options(config),
+    }
+    deployments |= {deployment_name(m.name): model_deployment_options(m, config.cache_dir) for m in config.models}
+    demand = {}
+    for name, options in deployments.items():
+        placement = Placement(
+            options["ray_actor_options"],
+            options.get("placement_group_bundles"),
+            options.get("placement_group_strategy"),
+        )
+        replicas = _starting_replicas(options)
+        demand[name] = {key: replicas * value for key, value in sum_resources(placement.demand()).items()}
+    return demand
+
+
+def local_problems(apps: dict[str, AppConfig], cpus: float) -> list[str]:
+    """Why a Ray started on this machine, with its ``cpus`` logical CPUs, cannot start every app's
+    replicas (Serve would wait for CPUs forever, the app never ready); empty when it can."""
+    demand = {(app, name): resources.get("CPU", 0.0) for app, config in apps.items()
+              for name, resources in starting_demand(config).items()}  # fmt: skip
+    total = sum(demand.values())
+    if total <= cpus + 1e-9:
+        return []
+    shares = ", ".join(f"{app}/{name} {value:g}" for (app, name), value in demand.items() if value)
+    return [
+        f"the replicas reserve {total:g} CPUs ({shares}), but a Ray started on this machine has {cpus:g}: "
+        "lower ray_actor_options.num_cpus (a logical share: a replica's threads do not follow it) or num_replicas"
+    ]
+
+
+def validate_serve_config(
+    path: Path, cluster: Path | None = None, local_cpus: float | None = None
+) -> dict[str, AppConfig]:
     """Validate a Serve config file: Ray's own schema, then ours for each of our apps, then, with
-    the cluster's node types (a ``ray up`` file as ``cluster``), whether they can hold every replica.
+    the cluster's node types (a ``ray up`` file as ``cluster``), whether they can hold every replica;
+    with ``local_cpus`` (the CPUs of a Ray that ``serve run`` starts here), whether it can start them all.
 
     ``path`` may be a KubeRay ``RayService``: its ``serveConfigV2`` is checked against its own
     worker groups. ``serve run config.yaml`` builds the app in a cluster task and keeps running
@@ -681,6 +734,8 @@ def validate_serve_config(path: Path, cluster: Path | None = None) -> dict[str, 
         problems = [problem for config in apps.values() for problem in layout_problems(config, nodes)]
         if problems:
             raise LayoutError("the cluster cannot hold this config:\n  " + "\n  ".join(problems))
+    if local_cpus is not None and (problems := local_problems(apps, local_cpus)):
+        raise LayoutError("this machine cannot hold this config:\n  " + "\n  ".join(problems))
     return apps
 
 
@@ -693,9 +748,14 @@ if __name__ == "__main__":
     )
     parser.add_argument("config", type=Path, nargs="?", default=Path("serve_config.yaml"))
     parser.add_argument("--cluster", type=Path, help="a ray up cluster file: check the layout against its node types")
+    parser.add_argument(
+        "--local",
+        action="store_true",
+        help="check that a Ray started on this machine (its CPUs) can start every replica",
+    )
     cli = parser.parse_args()
     try:
-        apps = validate_serve_config(cli.config, cli.cluster)
+        apps = validate_serve_config(cli.config, cli.cluster, float(os.cpu_count() or 1) if cli.local else None)
     except ValueError as error:  # pydantic's ValidationError, LayoutError, a shared batch store
         sys.exit(f"{cli.config}: invalid config\n{error}")
     for app_name, app_config in apps.items():

@@ -182,7 +182,7 @@ def layout_problems(
         )
     demand = placement.demand()
     if placement.strategy == "STRICT_PACK":
-        demand = [_sum(demand)]  # the whole group on one node
+        demand = [sum_resources(demand)]  # the whole group on one node
     for bundle in demand:
         if not any(node.holds(bundle) for node in nodes):
             wanted = ", ".join(f"{key}: {value:g}" for key, value in sorted(bundle.items()))
@@ -198,7 +198,7 @@ def layout_problems(
     return problems
 
 
-def _sum(bundles: Iterable[Mapping[str, float]]) -> Resources:
+def sum_resources(bundles: Iterable[Mapping[str, float]]) -> Resources:
     total: Resources = {}
     for bundle in bundles:
         total = _added(total, bundle)

@@ -8,7 +8,7 @@ import yaml
 from pydantic import ValidationError
 
 from deployments.app import build_app
-from deployments.config import AppConfig, validate_serve_config
+from deployments.config import AppConfig, local_problems, starting_demand, validate_serve_config
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -27,10 +27,26 @@ def test_the_shipped_serve_config_validates(models_dir: Path) -> None:
     apps = validate_serve_config(ROOT / "serve_config.yaml")
     models = apps["nika"].models
     assert [(m.kind, m.serves_embeddings) for m in models] == [("gguf", False), ("gguf", True), ("vision", False)]
-    # `make serve` starts a local Ray with the machine's CPUs: the defaults must fit two of them,
-    # or a replica (the router, last) waits forever to be scheduled.
-    deployments = [apps["nika"].router.deployment, *(m.deployment for m in models)]
-    assert sum((d.ray_actor_options or {}).get("num_cpus", 1) * (d.num_replicas or 1) for d in deployments) <= 2
+    # `make serve` starts a local Ray with the machine's CPUs: every replica (the batch runner's
+    # too) must fit two of them, or one waits forever to be scheduled and the app is never ready.
+    assert local_problems(apps, cpus=2) == []
+    assert sum(d["CPU"] for d in starting_demand(apps["nika"]).values()) == 2
+
+
+def test_a_config_a_local_ray_cannot_start_is_refused_naming_each_share(models_dir: Path) -> None:
+    autoscaling = {"min_replicas": 0, "initial_replicas": 2, "max_replicas": 4}
+    vision = {"kind": "vision", "name": "v", "path": str(models_dir / "tiny-idefics3"), "tensor_parallel_size": 2,
+              "worker_cpus": 1, "deployment": {"autoscaling_config": autoscaling}}  # fmt: skip
+    gguf = model(models_dir, deployment={"num_replicas": 3, "ray_actor_options": {"num_cpus": 0.5}})
+    config = AppConfig.model_validate({"models": [gguf, vision]})
+    demand = starting_demand(config)
+    assert demand["model-m"]["CPU"] == 1.5  # 3 replicas of 0.5
+    assert demand["model-v"]["CPU"] == 6  # 2 replicas at start, each its own CPU and two workers' (its group)
+    assert demand["batch runner"] == {"CPU": 0.25} and demand["router"] == {"CPU": 0.5}
+    (problem,) = local_problems({"app": config}, cpus=2)
+    assert f"reserve {sum(d['CPU'] for d in demand.values()):g} CPUs" in problem
+    assert "app/model-m 1.5" in problem and "app/batch runner 0.25" in problem and "lower" in problem
+    assert local_problems({"app": config}, cpus=64) == []
 
 
 def test_missing_model_file(models_dir: Path) -> None:
