@@ -140,13 +140,15 @@ def batch_serving(result: dict[str, Any], ax: list[Any]) -> None:
     ax[1].axhline(1.2, color="k", linestyle=":", label="target 1.2x")
     ax[1].set_title("interactive TTFT p50 during the batch / idle")
     ax[1].set_ylabel("x idle")
-    bottom = [0.0] * len(c)
-    for name in levels[str(c[0])]["cpu_ms_per_image"]:
-        ms = [levels[k]["cpu_ms_per_image"][name] for k in levels]
-        ax[2].bar([str(x) for x in c], ms, bottom=bottom, label=name)
-        bottom = [b + m for b, m in zip(bottom, ms, strict=True)]
-    ax[2].axhline(peer["cpu_ms_per_image_at_most"], color="k", linestyle=":",
-                  label=f"{peer_name}: all cores / its images/s")  # fmt: skip
+    columns = {str(x): levels[str(x)]["cpu_ms_per_image"] for x in c} | {peer_name: peer["cpu_ms_per_image"]}
+    bottom = dict.fromkeys(columns, 0.0)
+    for name in dict.fromkeys(n for processes in columns.values() for n in processes):  # each process once, in order
+        shown = [column for column, processes in columns.items() if name in processes]
+        ms = [columns[column][name] for column in shown]
+        ax[2].bar(shown, ms, bottom=[bottom[column] for column in shown], label=name)
+        for column, m in zip(shown, ms, strict=True):
+            bottom[column] += m
+    ax[2].tick_params(axis="x", labelsize=7)
     ax[2].set_title("CPU time per image, by process (alone)")
     ax[2].set_ylabel("ms of one core")
     ax[2].set_xlabel(f"batch.concurrency (default {result['default_concurrency']})")

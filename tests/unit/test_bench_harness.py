@@ -6,6 +6,7 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -107,3 +108,30 @@ def test_the_cpu_clock_charges_each_group_its_own_cpu_time() -> None:
     assert spent["this process"] >= 0.25
     assert spent["a sleeping child"] < spent["this process"] / 2
     assert 0 < spent["machine busy"] <= 1
+
+
+def test_a_growing_log_is_followed_until_a_pattern_or_the_process_ends(tmp_path: Path) -> None:
+    """How batch_serving clocks run-batch: from its progress bar's first draw to its last step, in its log."""
+    import re
+
+    from benchmarks.batch_serving import _GrowingLog
+
+    code = (
+        "import sys; print(' 0/5 [', flush=True); sys.stdin.readline(); print(' 5/5 [', flush=True); sys.stdin.read()"
+    )
+    log = tmp_path / "peer.log"
+    with log.open("wb") as out:
+        process = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=out)
+    assert process.stdin is not None
+    progress = _GrowingLog(log)
+    try:
+        assert progress.wait_for(process, re.compile(r" 0/5 \["))
+        process.stdin.write(b"go\n")
+        process.stdin.flush()
+        assert progress.wait_for(process, re.compile(r" 5/5 \["))
+        process.stdin.close()
+        assert not progress.wait_for(process, re.compile(r" 9/9 \["))  # it ended first
+    finally:
+        progress.close()
+        process.kill()
+        process.wait()
