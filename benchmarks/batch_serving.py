@@ -8,8 +8,11 @@ process it runs the file in: its rate is its own progress bar's, from the reques
 the last answer; its processes' CPU time is clocked over that span, as ours over the batch's. Ours
 then runs the file again with interactive streaming requests beside it (one at a time,
 ``PROBE_INTERVAL_S`` apart) for their time to first token; the same requests on the idle
-server first are the baseline. The batch's rate with them beside it is reported too: it gives
-them the replica (its lines wait, and running ones are preempted) each time one comes.
+server first are the baseline. The batch alone starts once the replica has had no interactive
+request for ``background_prefills_window_s``, so its lines have the engine's whole batch; beside
+interactive requests ``background_prefills`` bounds them again. The batch's rate with them beside
+it is reported too: it gives them the replica (its lines wait, and running ones are preempted)
+each time one comes.
 """
 
 from __future__ import annotations
@@ -103,6 +106,7 @@ def ours(ctx: BenchContext, model: VisionModelConfig, requests: Path, n: int, co
         for _ in range(3):  # warm up the engine's image path
             probe(url, model.name)
         idle = [t for t in (probe(url, model.name) for _ in range(PROBES_IDLE)) if t is not None]
+        time.sleep(model.background_prefills_window_s)  # no interactive request within it: the batch alone
         client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", timeout=300)
         clock = cpu_clock(ctx, model.name)
         clock.start()
@@ -248,6 +252,7 @@ def run(ctx: BenchContext) -> dict[str, Any]:
         "max_tokens": MAX_TOKENS,
         "default_concurrency": DEFAULT_CONCURRENCY,
         "background_prefills": BACKGROUND_PREFILLS,
+        "background_prefills_window_s": model.background_prefills_window_s,
         "systems": {OURS: {"concurrency": levels}, PEER: peer_result},
         "ratios": {
             "images_s": throughput,

@@ -201,6 +201,13 @@ class ModelConfigBase(StrictModel):
         "batch.concurrency sends). An interactive request that arrives preempts them, but waits for the "
         "engine step in progress: on CPU, 1-2 keep that step short (benchmarks: batch_serving).",
     )
+    background_prefills_window_s: float = Field(
+        default=C.BACKGROUND_PREFILLS_WINDOW_S,
+        ge=0.0,
+        description="How long after an interactive request background_prefills still bounds batch lines. A "
+        "replica without one for longer gives batch lines the engine's whole batch (its next interactive "
+        "request then waits for one step of their prompts); 0: never bound.",
+    )
     sampling: SamplingDefaults = SamplingDefaults()
     deadlines: DeadlinePolicy = DeadlinePolicy()
     deployment: DeploymentOptions = DeploymentOptions()

@@ -100,3 +100,4 @@ MAX_BATCH_REQUESTS = 50_000  # OpenAI's limit of requests per batch
 BATCH_COMPLETION_WINDOW_S = 24 * 3600  # "24h", the only window OpenAI offers
 BATCH_LINE_ATTEMPTS = 4  # a line failing with a retryable error (overloaded, replica died) runs again
 BATCH_RETRY_BACKOFF_S = 1.0  # doubled per attempt
+BACKGROUND_PREFILLS_WINDOW_S = 5.0  # background_prefills bounds batch lines this long after an interactive request

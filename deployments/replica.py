@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import os
 import re
 import time
@@ -88,6 +89,7 @@ class ModelReplica:
         self._no_interactive.set()
         self._preemption = asyncio.Event()  # set, and replaced, when an interactive request arrives
         self._background_waits = self._preemptions = 0
+        self._interactive_ended = -math.inf  # time.monotonic() when the last interactive request ended
         prefills = self._config.background_prefills
         self._prefills = asyncio.Semaphore(prefills) if prefills is not None else None
         self._last_progress = time.monotonic()
@@ -181,6 +183,7 @@ class ModelReplica:
         finally:
             self._interactive -= 1
             if not self._interactive:
+                self._interactive_ended = time.monotonic()
                 self._no_interactive.set()
 
     async def _stream(self, request: GenerationRequest) -> AsyncIterator[Delta]:
@@ -227,9 +230,11 @@ class ModelReplica:
             self._preemptions += 1
 
     async def _whole(self, request: GenerationRequest) -> Delta:
-        """The whole generation; at most ``background_prefills`` of them process their prompt at once."""
+        """The whole generation; at most ``background_prefills`` of them process their prompt at once
+        while interactive requests come (one ended within ``background_prefills_window_s``)."""
         parts: list[Delta] = []
-        prefilling = self._prefills
+        recent = time.monotonic() - self._interactive_ended < self._config.background_prefills_window_s
+        prefilling = self._prefills if recent else None
         if prefilling is not None:
             await prefilling.acquire()
         try:

@@ -251,14 +251,20 @@ def test_a_batch_past_its_window_expires_and_lists_the_lines_it_never_ran(
 
 
 @pytest.mark.slow
-def test_at_most_background_prefills_batch_lines_process_their_prompt_at_once(
+def test_background_prefills_bound_batch_lines_only_while_interactive_requests_come(
     fake_app: FakeApp, client: openai.OpenAI
 ) -> None:
-    fake_app.redeploy(fake_config(fake_app.gguf, fake={"background_prefills": 1}))
+    """Two models, the same bound: one just had an interactive request, the other none (the engine's
+    whole batch goes to the lines)."""
+    bounded = {"background_prefills": 1, "background_prefills_window_s": 600}
+    fake_app.redeploy(fake_config(fake_app.gguf, fake=bounded, quiet=bounded))
     try:
-        slow_prompt = Script(first_delay_s=0.2, tokens=["a", "b"], delay_s=0.2)
-        batch = wait(client, start(client, [request_line(i, slow_prompt) for i in range(6)]).id)
-        assert batch.status == "completed" and batch.request_counts.completed == 6
-        assert fake_app.counters()["most_prefilling"] == 1  # the others waited for its first token
+        assert client.chat.completions.create(**scripted(Script(tokens=["now"]))).choices[0].message.content
+        slow_prompt = Script(first_delay_s=0.5, tokens=["a", "b"], delay_s=0.1)
+        lines = [request_line(i, slow_prompt, model="fake" if i % 2 else "quiet") for i in range(8)]
+        batch = wait(client, start(client, lines).id)
+        assert batch.status == "completed" and batch.request_counts.completed == 8
+        assert fake_app.counters("fake")["most_prefilling"] == 1  # the others waited for its first token
+        assert fake_app.counters("quiet")["most_prefilling"] >= 2
     finally:
         fake_app.redeploy(fake_config(fake_app.gguf))
